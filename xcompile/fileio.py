@@ -1,0 +1,31 @@
+"""Atomic output: a file appears complete under its name, or not at all."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from xcompile.errors import XCompileError
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; rename it into place only if the block succeeds."""
+    target = Path(path)
+    if target.is_dir():
+        raise XCompileError(f"output '{target}' is a directory, expected a file name")
+    if not target.parent.exists():
+        raise XCompileError(f"output folder '{target.parent}' does not exist")
+    fd, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial" + target.suffix)
+    os.close(fd)
+    try:
+        yield Path(temp)
+        with open(temp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temp, target)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,270 @@
+"""ONNX front end: load and check a model, fold constant weight subgraphs, and cut out MVM layers.
+
+Every Gemm / MatMul with one constant operand, Conv and ConvTranspose of the main graph becomes
+a `Layer` and, in the runtime graph, one `ai.xcompile::CrossbarMVM` node. Everything else stays
+ONNX. Constant folding (Constant nodes, Transpose / Reshape / Cast / DequantizeLinear of constants,
+ConstantOfShape, ...) is onnxscript's optimizer over onnx_ir, not ours.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+from google.protobuf.message import DecodeError
+from onnxscript.optimizer import fold_constants
+
+from xcompile.errors import XCompileError
+from xcompile.ir import CUSTOM_DOMAIN, MVM_OP, Layer, frozen_array
+
+MIN_OPSET = 9
+MVM_OPS = ("Gemm", "MatMul", "Conv", "ConvTranspose")
+_NO_LIMIT = 1 << 62
+
+
+def load_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
+    """Read and check an ONNX model (external data resolved next to the file)."""
+    if isinstance(source, onnx.ModelProto):
+        model, where = source, "the model"
+    else:
+        path = Path(source)
+        where = f"'{path}'"
+        if not path.exists():
+            raise XCompileError(f"model file {where} does not exist")
+        if path.is_dir():
+            raise XCompileError(f"model file {where} is a directory, expected an .onnx file")
+        try:
+            model = onnx.load(str(path))
+        except (DecodeError, RuntimeError, ValueError, OSError) as exc:
+            raise XCompileError(f"{where} is not a readable ONNX model: {_first_line(exc)}") from None
+        except Exception as exc:  # protobuf raises several unrelated types on garbage
+            raise XCompileError(f"{where} is not a readable ONNX model: {_first_line(exc)}") from None
+    if not model.HasField("graph") or model.ir_version < 3:
+        raise XCompileError(f"{where} is not an ONNX model (no graph or IR version {model.ir_version})")
+    try:
+        onnx.checker.check_model(model)
+    except (onnx.checker.ValidationError, ValueError) as exc:
+        raise XCompileError(f"{where} is not a valid ONNX model: {_first_line(exc)}") from None
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is None or opset < MIN_OPSET:
+        raise XCompileError(f"{where} uses ONNX opset {opset}; xcompile reads opset {MIN_OPSET} onward")
+    try:
+        onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    except (onnx.shape_inference.InferenceError, ValueError) as exc:
+        raise XCompileError(f"{where}: shapes do not fit: {_first_line(exc)}") from None
+    return model
+
+
+def extract_layers(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Layer], list[str]]:
+    """Fold constants, turn every MVM node into a Layer; return (runtime graph, layers, digital ops)."""
+    model_ir = ir.serde.deserialize_model(model)
+    common_passes.RemoveInitializersFromInputsPass()(model_ir)
+    common_passes.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=0)(model_ir)
+    fold_constants(model_ir, onnx_shape_inference=True, input_size_limit=_NO_LIMIT, output_size_limit=_NO_LIMIT)
+
+    graph = model_ir.graph
+    layers: list[Layer] = []
+    names: set[str] = set()
+    for position, node in enumerate(list(graph)):
+        if node.domain not in ("", "ai.onnx") or node.op_type not in MVM_OPS:
+            continue
+        name = _unique(node.name or f"{node.op_type}_{position}", names)
+        built = _build_layer(node, len(layers), name)
+        if built is None:  # an activation x activation product: stays digital
+            continue
+        layer, digital_bias = built
+        layers.append(layer)
+        _replace_with_mvm(graph, node, layer, digital_bias)
+
+    model_ir.opset_imports[CUSTOM_DOMAIN] = 1
+    common_passes.RemoveUnusedNodesPass()(model_ir)
+    runtime_graph = ir.serde.serialize_model(model_ir)
+    digital = sorted({n.op_type for n in runtime_graph.graph.node if n.domain != CUSTOM_DOMAIN})
+    return runtime_graph, layers, digital
+
+
+def _build_layer(node: ir.Node, index: int, name: str):
+    op = node.op_type
+    where = f"node '{node.name or name}' ({op})"
+    inputs = list(node.inputs) + [None] * 3
+    if op in ("Conv", "ConvTranspose"):
+        x, w, b = inputs[:3]
+        weight = _const(w)
+        if weight is None:
+            raise XCompileError(f"{where}: the weight input '{_vname(w)}' is not a constant; a crossbar needs constant weights")
+        bias = None
+        if b is not None:
+            bias = _const(b)
+            if bias is None:
+                raise XCompileError(f"{where}: the bias input '{_vname(b)}' is not a constant")
+        matrix, geometry, bias = _conv_layer(node, where, weight, bias, _static_shape(x))
+        return _layer(index, name, node, "conv" if op == "Conv" else "conv_transpose", geometry, matrix, bias, x), None
+    if op == "MatMul":
+        a, b = inputs[:2]
+        wa, wb = _const(a), _const(b)
+        if wb is not None and wa is None:
+            return _dense_from_matmul(node, index, name, where, wb, a, weight_left=False), None
+        if wa is not None and wb is None:
+            return _dense_from_matmul(node, index, name, where, wa, b, weight_left=True), None
+        return None
+    # Gemm: Y = alpha * A' @ B' + beta * C
+    a, b, c = inputs[:3]
+    alpha = _attr(node, "alpha", 1.0)
+    beta = _attr(node, "beta", 1.0)
+    trans_a, trans_b = bool(_attr(node, "transA", 0)), bool(_attr(node, "transB", 0))
+    wa, wb = _const(a), _const(b)
+    if wb is not None and wa is None:
+        weight = (wb.T if trans_b else wb) * np.float32(alpha)
+        geometry = {"weight_left": False, "transpose_input": trans_a, "squeeze": False}
+        x = a
+    elif wa is not None and wb is None:
+        # Y = A' @ B': every column of B' is an input vector, Y^T = B'^T @ A'^T
+        weight = (wa if trans_a else wa.T) * np.float32(alpha)
+        geometry = {"weight_left": True, "transpose_input": trans_b, "squeeze": False}
+        x = b
+    else:
+        return None
+    if weight.ndim != 2:
+        raise XCompileError(f"{where}: Gemm operands must be 2-D, the constant one has shape {list(weight.shape)}")
+    bias, digital_bias = None, None
+    if c is not None:
+        cval = _const(c)
+        n_out = weight.shape[1]
+        if cval is not None and not geometry["weight_left"] and cval.size in (1, n_out) and cval.ndim <= 2 and (cval.ndim < 2 or cval.shape[0] == 1):
+            bias = np.broadcast_to(cval.reshape(-1) * np.float32(beta), (n_out,)).astype(np.float32)
+        else:
+            digital_bias = (c, float(beta))
+    return _layer(index, name, node, "dense", geometry, weight[None].astype(np.float32), bias, x), digital_bias
+
+
+def _dense_from_matmul(node, index, name, where, weight, x, weight_left: bool) -> Layer:
+    if weight.ndim > 2:
+        raise XCompileError(
+            f"{where}: the constant operand has shape {list(weight.shape)}, a batch of matrices; "
+            "xcompile maps 1-D and 2-D constant MatMul operands"
+        )
+    squeeze = weight.ndim == 1
+    if weight_left:  # Y = W[M, K] @ X[..., K, N]  ->  Y^T = X^T @ W^T
+        matrix = weight.reshape(1, -1).T if squeeze else weight.T
+    else:  # Y = X[..., K] @ W[K, N]
+        matrix = weight.reshape(-1, 1) if squeeze else weight
+    geometry = {"weight_left": weight_left, "transpose_input": False, "squeeze": squeeze}
+    return _layer(index, name, node, "dense", geometry, matrix[None].astype(np.float32), None, x)
+
+
+def _conv_layer(node, where, weight, bias, x_shape):
+    if weight.ndim < 3:
+        raise XCompileError(f"{where}: weight has shape {list(weight.shape)}, expected [out, in/group, k1, ...]")
+    rank = weight.ndim - 2
+    group = int(_attr(node, "group", 1))
+    kernel = list(_attr(node, "kernel_shape", weight.shape[2:]))
+    if [int(k) for k in kernel] != list(weight.shape[2:]):
+        raise XCompileError(f"{where}: kernel_shape {kernel} does not match the weight's {list(weight.shape[2:])}")
+    geometry = {
+        "rank": rank,
+        "kernel": [int(k) for k in weight.shape[2:]],
+        "strides": [int(s) for s in _attr(node, "strides", [1] * rank)],
+        "dilations": [int(d) for d in _attr(node, "dilations", [1] * rank)],
+        "pads": [int(p) for p in _attr(node, "pads", [0] * (2 * rank))],
+        "auto_pad": _attr(node, "auto_pad", "NOTSET"),
+        "group": group,
+    }
+    if any(len(geometry[k]) != n for k, n in (("strides", rank), ("dilations", rank), ("pads", 2 * rank))):
+        raise XCompileError(f"{where}: strides, dilations and pads must have {rank}, {rank} and {2 * rank} entries")
+    kprod = int(np.prod(geometry["kernel"]))
+    if node.op_type == "Conv":
+        cout, cin_g = weight.shape[:2]
+        if group < 1 or cout % group:
+            raise XCompileError(f"{where}: group={group} must divide the {cout} output channels")
+        matrix = weight.reshape(group, cout // group, cin_g * kprod).transpose(0, 2, 1)
+        channels_in = cin_g * group
+    else:
+        cin, cout_g = weight.shape[:2]
+        if group < 1 or cin % group:
+            raise XCompileError(f"{where}: group={group} must divide the {cin} input channels")
+        matrix = weight.reshape(group, cin // group, cout_g * kprod)
+        cout, channels_in = cout_g * group, cin
+        geometry["output_padding"] = [int(p) for p in _attr(node, "output_padding", [0] * rank)]
+        geometry["output_shape"] = [int(s) for s in _attr(node, "output_shape", [])]
+        geometry["channels_out"] = int(cout)
+    if x_shape is not None and len(x_shape) == rank + 2 and isinstance(x_shape[1], int) and x_shape[1] != channels_in:
+        raise XCompileError(f"{where}: input has {x_shape[1]} channels, the weight expects {channels_in}")
+    if bias is not None and bias.size != cout:
+        raise XCompileError(f"{where}: bias has {bias.size} values, expected one per output channel ({cout})")
+    return np.ascontiguousarray(matrix, dtype=np.float32), geometry, None if bias is None else bias.reshape(-1).astype(np.float32)
+
+
+def _layer(index, name, node, kind, geometry, matrix, bias, x) -> Layer:
+    return Layer(
+        index=index,
+        name=name,
+        node_name=node.name or "",
+        op_type=node.op_type,
+        kind=kind,
+        geometry=geometry,
+        weight=frozen_array(matrix, np.float32),
+        bias=frozen_array(bias, np.float32),
+        input_name=_vname(x),
+        output_name=node.outputs[0].name or "",
+    )
+
+
+def _replace_with_mvm(graph: ir.Graph, node: ir.Node, layer: Layer, digital_bias) -> None:
+    x = next(v for v in node.inputs if v is not None and v.name == layer.input_name)
+    mvm = ir.node(MVM_OP, [x], {"layer": layer.index}, domain=CUSTOM_DOMAIN, name=f"xcompile/{layer.name}")
+    new_nodes = [mvm]
+    result = mvm.outputs[0]
+    if digital_bias is not None:  # a Gemm C that is not one bias per output stays an ONNX Add
+        c, beta = digital_bias
+        if beta != 1.0:
+            factor = ir.Value(name=f"{layer.name}/beta", const_value=ir.tensor(np.array(beta, dtype=np.float32)))
+            graph.register_initializer(factor)
+            scaled = ir.node("Mul", [c, factor], name=f"xcompile/{layer.name}/beta")
+            new_nodes.append(scaled)
+            c = scaled.outputs[0]
+        add = ir.node("Add", [result, c], name=f"xcompile/{layer.name}/bias")
+        new_nodes.append(add)
+        result = add.outputs[0]
+    ir.convenience.replace_nodes_and_values(graph, node, [node], new_nodes, [node.outputs[0]], [result])
+
+
+def _const(value: ir.Value | None) -> np.ndarray | None:
+    if value is None or value.const_value is None or value.is_graph_input():
+        return None
+    return np.asarray(value.const_value.numpy())
+
+
+def _static_shape(value: ir.Value | None):
+    if value is None or value.shape is None:
+        return None
+    return [d if isinstance(d, int) else None for d in value.shape]
+
+
+def _attr(node: ir.Node, name: str, default):
+    attr = node.attributes.get(name)
+    if attr is None:
+        return default
+    value = attr.value
+    return list(value) if isinstance(value, (tuple, list)) or hasattr(value, "__iter__") and not isinstance(value, str) else value
+
+
+def _vname(value: ir.Value | None) -> str:
+    return "" if value is None else (value.name or "")
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    candidate, k = name, 1
+    while candidate in taken:
+        k += 1
+        candidate = f"{name}_{k}"
+    taken.add(candidate)
+    return candidate
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:400]

@@ -1,0 +1,174 @@
+"""The crossbar program: MVM layers, their tiles and cell levels, and the placement graph.
+
+Every object here is immutable (frozen dataclasses, read-only arrays), so a pass can only make a
+new program from an old one: `dataclasses.replace` on what it changes, sharing the rest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import networkx as nx
+import numpy as np
+import onnx
+
+from xcompile.config import CompileOptions, Hardware
+
+
+def frozen_array(array: np.ndarray | None, dtype=None) -> np.ndarray | None:
+    """A read-only (C-contiguous) copy-if-needed of `array`, so nobody mutates shared data."""
+    if array is None:
+        return None
+    out = np.ascontiguousarray(array, dtype=dtype)
+    if out is array and out.flags.writeable:
+        out = out.copy()
+    out.flags.writeable = False
+    return out
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """How a signed output is spread over non-negative cell columns of one tile.
+
+    A tile holding n outputs uses `columns_per_output * n + shared_columns` physical columns.
+    `combine` gives the digital recombination after the ADC, tile-local and for a full tile:
+    output[dst] += coeff * column_current[src].
+    """
+
+    name: str
+    columns_per_output: int
+    shared_columns: int
+    combine_src: np.ndarray
+    combine_dst: np.ndarray
+    combine_coeff: np.ndarray
+
+    def outputs_per_tile(self, cols: int) -> int:
+        return (cols - self.shared_columns) // self.columns_per_output
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """Where each tile of a layer's (block-diagonal) matrix sits.
+
+    Row/column ranges index the layer's virtual matrix of K = groups*Kg rows and N = groups*Ng
+    outputs; tiles that would only hold structural zeros of a grouped layer are not placed.
+    """
+
+    rows: int
+    cols: int
+    grid: np.ndarray  # [T, 2] (row block, column block)
+    row_range: np.ndarray  # [T, 2] start, stop in K
+    out_range: np.ndarray  # [T, 2] start, stop in N
+    crossbar: np.ndarray  # [T] physical crossbar id
+
+    @property
+    def count(self) -> int:
+        return int(self.grid.shape[0])
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One MVM layer: y[P, N] = x[P, K] @ blockdiag(weight) + bias, and how x and y are formed.
+
+    kind is 'dense' (Gemm / MatMul) or 'conv' / 'conv_transpose'; `geometry` holds the ONNX
+    attributes the runtime needs to form input vectors and outputs (JSON-able).
+    """
+
+    index: int
+    name: str
+    node_name: str
+    op_type: str
+    kind: str
+    geometry: dict[str, Any]
+    weight: np.ndarray  # float32 [groups, Kg, Ng]
+    bias: np.ndarray | None  # float32 [N]
+    input_name: str
+    output_name: str
+    scale: float | None = None  # weight value of one level step
+    weight_q: np.ndarray | None = None  # int32 [groups, Kg, Ng], |weight_q| < 2**weight_bits
+    encoding: Encoding | None = None
+    tiling: Tiling | None = None
+    levels: np.ndarray | None = None  # [T, rows, cols] cell levels (float32 in ideal mode)
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def groups(self) -> int:
+        return int(self.weight.shape[0])
+
+    @property
+    def rows_in(self) -> int:
+        """K: inputs of the (block-diagonal) matrix = crossbar rows it needs."""
+        return int(self.weight.shape[0] * self.weight.shape[1])
+
+    @property
+    def outputs(self) -> int:
+        """N: outputs of the layer = logical crossbar columns before encoding."""
+        return int(self.weight.shape[0] * self.weight.shape[2])
+
+    def block(self, row_range, out_range, source: np.ndarray | None = None) -> np.ndarray:
+        """The dense sub-matrix rows [r0, r1) x outputs [c0, c1) of blockdiag(source or weight)."""
+        source = self.weight if source is None else source
+        groups, kg, ng = source.shape
+        (r0, r1), (c0, c1) = row_range, out_range
+        out = np.zeros((r1 - r0, c1 - c0), dtype=source.dtype)
+        for g in range(r0 // kg, (r1 - 1) // kg + 1):
+            gr0, gr1 = max(r0, g * kg), min(r1, (g + 1) * kg)
+            gc0, gc1 = max(c0, g * ng), min(c1, (g + 1) * ng)
+            if gc0 < gc1:
+                out[gr0 - r0 : gr1 - r0, gc0 - c0 : gc1 - c0] = source[g, gr0 - g * kg : gr1 - g * kg, gc0 - g * ng : gc1 - g * ng]
+        return out
+
+    def add_block(self, target: np.ndarray, row_range, out_range, block: np.ndarray) -> None:
+        """The inverse of `block`: add a dense tile block into per-group matrices `target`."""
+        groups, kg, ng = target.shape
+        (r0, r1), (c0, c1) = row_range, out_range
+        for g in range(r0 // kg, (r1 - 1) // kg + 1):
+            gr0, gr1 = max(r0, g * kg), min(r1, (g + 1) * kg)
+            gc0, gc1 = max(c0, g * ng), min(c1, (g + 1) * ng)
+            if gc0 < gc1:
+                target[g, gr0 - g * kg : gr1 - g * kg, gc0 - g * ng : gc1 - g * ng] += block[gr0 - r0 : gr1 - r0, gc0 - c0 : gc1 - c0]
+
+
+@dataclass(frozen=True)
+class PassRecord:
+    """What ran: the pass, its options, whether it changed the program, and how long it took."""
+
+    name: str
+    options: dict[str, Any]
+    changed: bool
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Program:
+    """The crossbar program a compile produces and mapping.bin stores.
+
+    model: the original ONNX bytes, kept verbatim. graph: the runtime graph, in which every MVM
+    layer is one `ai.xcompile::CrossbarMVM` node (its weights live in `layers`, not here).
+    """
+
+    model: bytes
+    graph: onnx.ModelProto
+    layers: tuple[Layer, ...]
+    options: CompileOptions
+    hardware: Hardware
+    history: tuple[PassRecord, ...] = ()
+    placement: nx.DiGraph | None = None
+    digital_nodes: tuple[str, ...] = ()  # op types left to ONNX Runtime
+
+    def replace_layers(self, layers) -> "Program":
+        return dataclasses.replace(self, layers=tuple(layers))
+
+
+@dataclass(frozen=True)
+class PassResult:
+    """A pass's answer: the new program and whether anything changed (onnx_ir's shape)."""
+
+    program: Program
+    changed: bool
+
+
+CUSTOM_DOMAIN = "ai.xcompile"
+MVM_OP = "CrossbarMVM"

@@ -1,0 +1,61 @@
+"""The pass pipeline: front end, then each pass in order, each recorded with its options."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any
+
+import onnx
+from tqdm.auto import tqdm
+
+from xcompile.artifact import Mapping
+from xcompile.config import split_options
+from xcompile.frontend import extract_layers, load_model
+from xcompile.ir import PassRecord, Program
+from xcompile.passes import assign, encode, quantize, tile
+
+PIPELINE = (quantize, encode, tile, assign)
+
+
+def compile_model(source: str | os.PathLike | onnx.ModelProto, *, progress: bool | None = None, **options: Any) -> Mapping:
+    """Compile an ONNX model (path or ModelProto) for crossbars; options as in `xcompile --help`.
+
+    progress: show a progress bar (None: only when stderr is a terminal).
+    """
+    compile_options, hardware = split_options(options)
+    model = load_model(source)
+    graph, layers, digital = extract_layers(model)
+    program = Program(
+        model=model.SerializeToString(),
+        graph=graph,
+        layers=tuple(layers),
+        options=compile_options,
+        hardware=hardware,
+        digital_nodes=tuple(digital),
+    )
+    steps = len(PIPELINE) * max(1, len(layers))
+    with tqdm(total=steps, desc="compiling", unit="step", disable=None if progress is None else not progress, leave=False) as bar:
+        for compiler_pass in PIPELINE:
+            started = time.perf_counter()
+            result = compiler_pass.run(program, progress=bar.update)
+            record = PassRecord(
+                name=compiler_pass.NAME,
+                options=_pass_options(compiler_pass.NAME, result.program),
+                changed=result.changed,
+                seconds=round(time.perf_counter() - started, 6),
+            )
+            program = dataclasses.replace(result.program, history=program.history + (record,))
+    return Mapping(program)
+
+
+def _pass_options(name: str, program: Program) -> dict[str, Any]:
+    """The options a pass read, so the artifact says how every step was made."""
+    opts, hw = program.options, program.hardware
+    return {
+        "quantize": {"weight_bits": opts.weight_bits, "ideal": opts.ideal},
+        "encode": {"encoding": opts.encoding},
+        "tile": {"rows": hw.rows, "cols": hw.cols},
+        "assign": {"cell_bits": opts.cell_bits, "g_on": hw.g_on, "g_off": hw.g_off},
+    }[name]

@@ -1,0 +1,117 @@
+"""What went where: the inspection summary of a compiled program (text and JSON), graph export."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import networkx as nx
+
+from xcompile.errors import XCompileError
+from xcompile.fileio import atomic_output
+from xcompile.ir import Program
+
+GRAPH_FORMATS = (".graphml", ".dot", ".gv", ".json")
+
+
+def summary(program: Program) -> dict[str, Any]:
+    """Per-layer and total figures; the keys are documented in docs/inspect.md and stay stable."""
+    hw = program.hardware
+    cells_per_crossbar = hw.rows * hw.cols
+    layers = []
+    for layer in program.layers:
+        tiling, enc = layer.tiling, layer.encoding
+        rows_used = tiling.row_range[:, 1] - tiling.row_range[:, 0]
+        outs = tiling.out_range[:, 1] - tiling.out_range[:, 0]
+        cells_used = int((rows_used * (outs * enc.columns_per_output + enc.shared_columns)).sum())
+        cells_total = int(tiling.count * cells_per_crossbar)
+        layers.append(
+            {
+                "name": layer.name,
+                "op_type": layer.op_type,
+                "kind": layer.kind,
+                "rows": layer.rows_in,
+                "outputs": layer.outputs,
+                "groups": layer.groups,
+                "weights": int(layer.weight.size),
+                "tiles": tiling.count,
+                "crossbars": int(len(set(tiling.crossbar.tolist()))),
+                "cells_used": cells_used,
+                "cells_total": cells_total,
+                "utilisation": round(cells_used / cells_total, 6) if cells_total else 0.0,
+                "encoding": enc.name,
+                "scale": layer.scale,
+            }
+        )
+    crossbars = set()
+    for layer in program.layers:
+        crossbars.update(layer.tiling.crossbar.tolist())
+    used = sum(l["cells_used"] for l in layers)
+    total = sum(l["cells_total"] for l in layers)
+    return {
+        "hardware": program.hardware.to_dict(),
+        "options": program.options.to_dict(),
+        "passes": [{"name": r.name, "options": r.options, "changed": r.changed, "seconds": r.seconds} for r in program.history],
+        "layers": layers,
+        "totals": {
+            "layers": len(layers),
+            "weights": sum(l["weights"] for l in layers),
+            "tiles": sum(l["tiles"] for l in layers),
+            "crossbars": len(crossbars),
+            "cells_used": used,
+            "cells_total": total,
+            "utilisation": round(used / total, 6) if total else 0.0,
+        },
+        "digital_ops": list(program.digital_nodes),
+    }
+
+
+def format_summary(info: dict[str, Any]) -> str:
+    hw, opts = info["hardware"], info["options"]
+    mode = "ideal (float weights)" if opts["ideal"] else f"{opts['weight_bits']}-bit weights, {opts['cell_bits']}-bit cells"
+    lines = [
+        f"hardware: {hw['rows']}x{hw['cols']} crossbars, G {hw['g_off']:.3g}..{hw['g_on']:.3g} S, V_read {hw['v_read']} V",
+        f"mapping:  {mode}, {opts['encoding']} encoding",
+        "",
+    ]
+    header = f"{'layer':<28} {'op':<13} {'rows x outputs':>15} {'grp':>4} {'tiles':>6} {'xbars':>6} {'cells used':>12} {'util':>7}"
+    lines += [header, "-" * len(header)]
+    for l in info["layers"]:
+        shape = f"{l['rows']} x {l['outputs']}"
+        lines.append(
+            f"{l['name'][:28]:<28} {l['op_type']:<13} {shape:>15} {l['groups']:>4} {l['tiles']:>6} {l['crossbars']:>6} "
+            f"{l['cells_used']:>12,} {l['utilisation']:>7.1%}"
+        )
+    t = info["totals"]
+    lines += [
+        "-" * len(header),
+        f"{'total':<28} {t['layers']:<13} {t['weights']:>15,} {'':>4} {t['tiles']:>6} {t['crossbars']:>6} {t['cells_used']:>12,} {t['utilisation']:>7.1%}",
+        "",
+        f"digital (ONNX Runtime): {', '.join(info['digital_ops']) or 'nothing'}",
+        "passes: " + " -> ".join(p["name"] for p in info["passes"]),
+    ]
+    return "\n".join(lines)
+
+
+def write_graph(program: Program, path: str | os.PathLike) -> Path:
+    """Write the placement graph as GraphML, DOT or node-link JSON, chosen by the file suffix."""
+    target = Path(path)
+    suffix = target.suffix.lower()
+    if suffix not in GRAPH_FORMATS:
+        raise XCompileError(f"graph file '{target}' must end in one of {', '.join(GRAPH_FORMATS)}")
+    graph = program.placement if program.placement is not None else nx.DiGraph()
+    with atomic_output(target) as temp:
+        if suffix == ".graphml":
+            nx.write_graphml(graph, temp)
+        elif suffix == ".json":
+            temp.write_text(json.dumps(nx.node_link_data(graph, edges="edges"), indent=1))
+        else:
+            nx.drawing.nx_pydot.write_dot(_quoted(graph), temp)
+    return target
+
+
+def _quoted(graph: nx.DiGraph) -> nx.DiGraph:
+    """pydot needs node names with '/' or '.' quoted."""
+    return nx.relabel_nodes(graph, {n: f'"{n}"' for n in graph.nodes})
