@@ -28,7 +28,7 @@ def frozen_array(array: np.ndarray | None, dtype=None) -> np.ndarray | None:
     return out
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Encoding:
     """How a signed output is spread over non-negative cell columns of one tile.
 
@@ -48,7 +48,7 @@ class Encoding:
         return (cols - self.shared_columns) // self.columns_per_output
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Tiling:
     """Where each tile of a layer's (block-diagonal) matrix sits.
 
@@ -68,7 +68,7 @@ class Tiling:
         return int(self.grid.shape[0])
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Layer:
     """One MVM layer: y[P, N] = x[P, K] @ blockdiag(weight) + bias, and how x and y are formed.
 

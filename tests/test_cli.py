@@ -1,0 +1,191 @@
+"""The command line as a user meets it: the main job, and one clear line for every bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import networkx as nx
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import helper, numpy_helper
+
+import xcompile
+from xcompile.cli import main
+from builders import model, small_cnn, tensor
+
+SUMMARY_KEYS = {"hardware", "options", "passes", "layers", "totals", "digital_ops"}
+LAYER_KEYS = {
+    "name", "op_type", "kind", "rows", "outputs", "groups", "weights", "tiles", "crossbars",
+    "cells_used", "cells_total", "utilisation", "encoding", "scale",
+}
+
+
+@pytest.fixture(scope="module")
+def cnn_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("m") / "cnn.onnx"
+    onnx.save(small_cnn(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def compiled(cnn_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("c") / "mapping.bin"
+    assert main([str(cnn_path), "-o", str(out), "-q"]) == 0
+    return out
+
+
+def test_compile_inspect_run_as_a_user_would(cnn_path, tmp_path):
+    out = tmp_path / "mapping.bin"
+    result = subprocess.run(
+        [sys.executable, "-m", "xcompile.cli", str(cnn_path), "-o", str(out)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert "2 MVM layers" in result.stdout and out.exists()
+    result = subprocess.run([sys.executable, "-m", "xcompile.cli", "inspect", str(out)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "conv" in result.stdout and "fc" in result.stdout and "total" in result.stdout
+
+
+def test_inspect_json_has_the_documented_keys_and_consistent_totals(compiled, capsys):
+    assert main(["inspect", str(compiled), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert set(info) == SUMMARY_KEYS
+    assert all(set(layer) == LAYER_KEYS for layer in info["layers"])
+    assert info["totals"]["tiles"] == sum(layer["tiles"] for layer in info["layers"])
+    assert info["totals"]["cells_used"] == sum(layer["cells_used"] for layer in info["layers"])
+    conv = info["layers"][0]
+    # conv: 3*3*3 = 27 rows, 6 outputs on a dual array: 12 of 128 columns in one tile
+    assert (conv["rows"], conv["outputs"], conv["tiles"], conv["cells_used"]) == (27, 6, 1, 27 * 12)
+    assert conv["utilisation"] == pytest.approx(27 * 12 / 128**2, abs=1e-6)
+    fc = info["layers"][1]
+    assert fc["rows"] == 150 and fc["tiles"] == 2  # 150 rows -> two row blocks of 128
+    assert "Relu" in info["digital_ops"] and "MaxPool" in info["digital_ops"]
+
+
+@pytest.mark.parametrize("suffix", [".graphml", ".dot", ".json"])
+def test_placement_graph_export(compiled, tmp_path, suffix, capsys):
+    target = tmp_path / f"placement{suffix}"
+    assert main(["inspect", str(compiled), "--graph", str(target)]) == 0
+    text = target.read_text()
+    if suffix == ".graphml":
+        graph = nx.read_graphml(target)
+        tiles = [n for n, d in graph.nodes(data=True) if d["kind"] == "tile"]
+        assert len(tiles) == 3 and all("crossbar" in graph.nodes[t] for t in tiles)
+        assert graph.has_edge("conv/out", "fc/in")  # data flows conv -> relu -> pool -> fc
+    elif suffix == ".json":
+        data = json.loads(text)
+        assert {n["kind"] for n in data["nodes"]} == {"input", "tile", "adder", "output"}
+    else:
+        assert text.startswith("strict digraph") and '"fc/tile1.0"' in text
+
+
+def test_run_writes_what_the_session_returns(compiled, tmp_path, capsys):
+    x = np.random.default_rng(0).normal(size=(2, 3, 10, 10)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    assert main(["run", str(compiled), "--input", f"x={tmp_path / 'x.npy'}", "-o", str(tmp_path / "out.npz")]) == 0
+    out = np.load(tmp_path / "out.npz")
+    np.testing.assert_array_equal(out["y"], xcompile.Session(compiled).run(["y"], {"x": x})[0])
+    assert main(["run", str(compiled), "-i", str(tmp_path / "x.npy")]) == 0  # NAME= optional with one input
+    assert "y: shape [2, 5]" in capsys.readouterr().out
+
+
+def test_ideal_flag_matches_onnxruntime(cnn_path, tmp_path):
+    out = tmp_path / "ideal.bin"
+    assert main([str(cnn_path), "-o", str(out), "--ideal", "-q"]) == 0
+    x = np.random.default_rng(2).normal(size=(4, 3, 10, 10)).astype(np.float32)
+    expected = ort.InferenceSession(str(cnn_path)).run(None, {"x": x})[0]
+    got = xcompile.Session(out).run(None, {"x": x})[0]
+    assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+def _dynamic_weight_conv(path):
+    nodes = [helper.make_node("Conv", ["x", "w"], ["y"], name="conv_dyn")]
+    onnx.save(model(nodes, [tensor("x", [1, 1, 4, 4]), tensor("w", [1, 1, 3, 3])], [tensor("y", [1, 1, 2, 2])]), path)
+
+
+def _channel_mismatch(path):
+    w = numpy_helper.from_array(np.ones((2, 3, 3, 3), np.float32), "w")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["y"], name="conv_bad")]
+    m = model(nodes, [tensor("x", [1, 5, 6, 6])], [tensor("y", [1, 2, 4, 4])], [w])
+    onnx.save(m, path)
+
+
+def _truncated(path):
+    data = small_cnn().SerializeToString()
+    path.write_bytes(data[: len(data) // 3])
+
+
+@pytest.mark.parametrize(
+    "make, args, message",
+    [
+        (None, [], "does not exist"),
+        (lambda p: p.write_text("not a model at all\n"), [], "not"),
+        (_truncated, [], "not"),
+        (_dynamic_weight_conv, [], "conv_dyn"),
+        (_channel_mismatch, [], "channel"),
+        ("cnn", ["--rows", "0"], "rows"),
+        ("cnn", ["--weight-bits", "0"], "weight_bits"),
+        ("cnn", ["--encoding", "quaternary"], "encoding"),
+        ("cnn", ["--hardware", "HW"], "colums"),
+        ("cnn", ["--hardware", "missing.toml"], "does not exist"),
+    ],
+    ids=["missing", "text-file", "truncated", "dynamic-weight", "channel-mismatch", "rows-0", "bits-0", "encoding", "hardware-key", "hardware-missing"],
+)
+def test_bad_compile_input_is_one_clear_line_exit_2_and_no_output(tmp_path, cnn_path, make, args, message):
+    source = tmp_path / "model.onnx"
+    if make == "cnn":
+        source = cnn_path
+    elif make is not None:
+        make(source)
+    hw = tmp_path / "hw.toml"
+    hw.write_text("[hardware]\nrows = 64\ncolums = 64\n")
+    args = [str(hw) if a == "HW" else str(tmp_path / a) if a.endswith(".toml") else a for a in args]
+    out = tmp_path / "out.bin"
+    result = subprocess.run(
+        [sys.executable, "-m", "xcompile.cli", str(source), "-o", str(out), *args], capture_output=True, text=True
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("xcompile: error:") and message in lines[0], result.stderr
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out.bin")]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["run", "MAP", "-i", "x=MISSING.npy"], "does not exist"),
+        (["run", "MAP", "-i", "x=TEXT"], "not a readable .npy"),
+        (["run", "MAP", "-i", "z=X"], "unknown input"),
+        (["run", "MAP", "-i", "x=X64"], "dtype float64"),
+        (["run", "MAP", "-i", "x=XSHAPE"], "shape"),
+        (["run", "MAP"], "missing input"),
+        (["inspect", "MAP", "--graph", "g.png"], ".graphml"),
+        (["inspect", "TEXT"], "not a readable xcompile mapping"),
+    ],
+)
+def test_bad_run_and_inspect_input(tmp_path, compiled, args, message, capsys):
+    (tmp_path / "text.npy").write_text("hello")
+    x = np.zeros((1, 3, 10, 10), np.float32)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "x64.npy", x.astype(np.float64))
+    np.save(tmp_path / "xshape.npy", np.zeros((1, 3, 9, 10), np.float32))
+    subst = {"MAP": str(compiled), "TEXT": str(tmp_path / "text.npy"), "X": str(tmp_path / "x.npy"),
+             "X64": str(tmp_path / "x64.npy"), "XSHAPE": str(tmp_path / "xshape.npy"), "MISSING.npy": str(tmp_path / "none.npy")}
+    argv = []
+    for a in args:
+        name, sep, value = a.partition("=")
+        argv.append(f"{name}={subst.get(value, value)}" if sep else subst.get(a, a))
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("xcompile: error:") and message in err and "Traceback" not in err
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_python_api_rejects_unknown_options():
+    with pytest.raises(xcompile.XCompileError, match="crossbar_size"):
+        xcompile.compile_model(small_cnn(), crossbar_size=64)
