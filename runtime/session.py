@@ -8,7 +8,9 @@ and not an ORT custom-op library, with the measured per-node overhead.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -17,6 +19,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
+from xcompile.config import Hardware, hardware_from
 from xcompile.errors import XCompileError
 from xcompile.ir import CUSTOM_DOMAIN, MVM_OP, Layer, Program
 from xcompile.runtime import digital
@@ -33,24 +36,60 @@ class NodeArg:
 
 
 class Session:
-    """Run a compiled mapping: `Session(mapping_or_path).run(output_names, feeds)`."""
+    """Run a compiled mapping: `Session(mapping_or_path).run(output_names, feeds)`.
 
-    def __init__(self, mapping, **runtime_options: Any):
-        if runtime_options:
-            raise XCompileError(f"unknown runtime option(s): {', '.join(sorted(runtime_options))}")
+    seed: the Monte-Carlo trial (device draws, read noise); the same seed gives the same outputs.
+    calibration: feeds (dict name -> array) to set calibrated ADC / DAC ranges from; without
+    them, ranges are calibrated on the first batch passed to `run` (and a warning says so).
+    hardware / keyword options: hardware to run on instead of the one compiled for (a preset
+    name, dict, TOML path or Hardware, then single options on top); the array size must match.
+    """
+
+    def __init__(self, mapping, *, seed: int = 0, calibration: dict | None = None, hardware=None, **hardware_options: Any):
         if isinstance(mapping, (str, os.PathLike)):
             from xcompile.artifact import load
 
             mapping = load(mapping)
         program: Program = getattr(mapping, "program", mapping)
         self.program = program
+        self.hardware = _runtime_hardware(program, hardware, hardware_options)
+        self.seed = _seed(seed)
         graph = program.graph.graph
         self._inputs = [_node_arg(v) for v in graph.input]
         self._outputs = [_node_arg(v) for v in graph.output]
-        self._layers = {layer.index: _LayerRunner(layer) for layer in program.layers}
+        opts = program.options
+        level_max = float(2 ** (opts.weight_bits if opts.ideal else opts.cell_bits) - 1)
+        self._layers = {
+            layer.index: _LayerRunner(layer, ProgrammedLayer(layer, self.hardware, opts.cell_bits, level_max, self.seed))
+            for layer in program.layers
+        }
         self._steps = _partition(program.graph)
         self._constants = {t.name: t for t in graph.initializer}
         self._last_use = _last_uses(self._steps, [o.name for o in graph.output])
+        self._calibrated = not any(r.crossbar.needs_calibration for r in self._layers.values())
+        if calibration is not None and not self._calibrated:
+            self.calibrate(calibration)
+
+    def calibrate(self, feeds: dict[str, Any]) -> None:
+        """Run `feeds` once with ideal ADCs and set every calibrated converter range from it."""
+        programmed = [r.crossbar for r in self._layers.values()]
+        for layer in programmed:
+            layer.start_calibration()
+        try:
+            self._execute(None, feeds)
+        finally:
+            for layer in programmed:
+                layer.finish_calibration()
+        self._calibrated = True
+
+    @property
+    def adc_clipped(self) -> int:
+        """ADC conversions above full scale (clipped) since the session was made."""
+        return sum(r.crossbar.clipped for r in self._layers.values())
+
+    @property
+    def adc_conversions(self) -> int:
+        return sum(r.crossbar.conversions for r in self._layers.values())
 
     def get_inputs(self) -> list[NodeArg]:
         return list(self._inputs)
@@ -59,6 +98,15 @@ class Session:
         return list(self._outputs)
 
     def run(self, output_names: Sequence[str] | None, input_feed: dict[str, Any], run_options=None) -> list:
+        if not self._calibrated:
+            warnings.warn(
+                "calibrating ADC/DAC ranges on the first batch run; pass calibration= for ranges that do not depend on it",
+                stacklevel=2,
+            )
+            self.calibrate(input_feed)
+        return self._execute(output_names, input_feed, run_options)
+
+    def _execute(self, output_names, input_feed, run_options=None) -> list:
         names = [o.name for o in self._outputs] if output_names is None else list(output_names)
         unknown = [n for n in names if n not in {o.name for o in self._outputs}]
         if unknown:
@@ -93,6 +141,8 @@ class Session:
                 want = _numpy_dtype(arg.type)
                 if want is not None and value.dtype != want:
                     raise XCompileError(f"input '{name}' has dtype {value.dtype}, the model expects {want} ({arg.type})")
+                if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+                    raise XCompileError(f"input '{name}' holds NaN or infinite values")
                 if len(arg.shape) != value.ndim or any(
                     isinstance(d, int) and d != s for d, s in zip(arg.shape, value.shape)
                 ):
@@ -111,9 +161,9 @@ class Session:
 class _LayerRunner:
     """One MVM node: form input vectors, run the programmed layer, shape the output."""
 
-    def __init__(self, layer: Layer):
+    def __init__(self, layer: Layer, crossbar: ProgrammedLayer):
         self.layer = layer
-        self.crossbar = ProgrammedLayer(layer)
+        self.crossbar = crossbar
 
     def run(self, x) -> np.ndarray:
         layer, geometry = self.layer, self.layer.geometry
@@ -187,6 +237,29 @@ class _Segment:
         if name in self._types:
             return helper.make_value_info(name, self._types[name])
         raise XCompileError(f"cannot pass value '{name}' of type {type(value).__name__} between runtime segments")
+
+
+def _runtime_hardware(program: Program, hardware, options: dict) -> Hardware:
+    """The hardware to run on: compiled-for, or replaced / overridden; the array size must match."""
+    base = program.hardware if hardware is None else hardware_from(hardware)
+    known = {f.name for f in dataclasses.fields(Hardware)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise XCompileError(f"unknown runtime option(s) {', '.join(map(repr, unknown))}; known: seed, calibration, hardware, {', '.join(sorted(known))}")
+    hw = dataclasses.replace(base, **options)
+    for name in ("rows", "cols"):
+        if getattr(hw, name) != getattr(program.hardware, name):
+            raise XCompileError(
+                f"hardware option '{name}' is {getattr(hw, name)} but the mapping was compiled for "
+                f"{getattr(program.hardware, name)}: recompile to change the array size"
+            )
+    return hw
+
+
+def _seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise XCompileError(f"seed must be a whole number >= 0, got {seed!r}")
+    return int(seed)
 
 
 def _partition(model: onnx.ModelProto) -> list:

@@ -15,7 +15,28 @@ import numpy as np
 
 from xcompile.errors import XCompileError
 
-COMMANDS = ("compile", "inspect", "run")
+COMMANDS = ("compile", "inspect", "run", "eval")
+
+# hardware flags shared by compile, run and eval: (flag, type, help)
+HARDWARE_FLAGS = (
+    ("--g-on", float, "ON conductance, S"),
+    ("--g-off", float, "OFF conductance, S"),
+    ("--v-read", float, "read voltage, V"),
+    ("--r-wire", float, "wire resistance per cell segment, ohm"),
+    ("--r-source", float, "driver resistance per row, ohm"),
+    ("--r-sink", float, "sense resistance per column, ohm"),
+    ("--dac-bits", int, "DAC bits (0 = ideal)"),
+    ("--dac-range", str, "absmax | calibrated"),
+    ("--input-mode", str, "analog | bit_serial"),
+    ("--adc-bits", int, "ADC bits (0 = ideal)"),
+    ("--adc-range", str, "fixed | calibrated | per_column"),
+    ("--adc-nonlinearity", float, "ADC transfer nonlinearity alpha (0 = linear)"),
+    ("--variation", str, "none | lognormal | gaussian"),
+    ("--sigma", float, "relative programming variation"),
+    ("--stuck-off-rate", float, "fraction of cells stuck at g_off"),
+    ("--stuck-on-rate", float, "fraction of cells stuck at g_on"),
+    ("--read-noise", float, "relative read noise per cell and MVM"),
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,9 +70,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="ONNX model file")
     p.add_argument("-o", "--output", required=True, help="mapping file to write")
     p.add_argument("--ideal", action="store_true", help="float weights, no quantisation, no non-idealities")
-    p.add_argument("--hardware", metavar="FILE", help="hardware description (TOML)")
     p.add_argument("--rows", type=int, help="crossbar rows (default 128)")
     p.add_argument("--cols", type=int, help="crossbar columns (default 128)")
+    _hardware_args(p)
     p.add_argument("--weight-bits", type=int, help="weight magnitude bits (default 8)")
     p.add_argument("--cell-bits", type=int, help="bits per cell (default 8)")
     p.add_argument("--encoding", help="signed-weight encoding: dual (default)")
@@ -68,8 +89,41 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("mapping", help="mapping file")
     p.add_argument("-i", "--input", action="append", default=[], metavar="NAME=FILE.npy", help="an input (repeat per input; NAME= may be left out for a one-input model)")
     p.add_argument("-o", "--output", metavar="OUT.npz", help="write the outputs here (default: print a summary)")
+    p.add_argument("--seed", type=int, default=0, help="Monte-Carlo seed (device draws, read noise)")
+    p.add_argument("--calibration", metavar="NAME=FILE.npy", action="append", default=[], help="inputs to calibrate converter ranges on")
+    _hardware_args(p)
     p.set_defaults(handler=_run)
+
+    p = sub.add_parser("eval", help="accuracy: float model vs crossbars over Monte-Carlo trials")
+    p.add_argument("mapping", help="mapping file")
+    p.add_argument("--dataset", required=True, help="'digits' (shipped) or an .npz with x (inputs) and y (labels)")
+    p.add_argument("--trials", type=int, default=1, help="Monte-Carlo trials (seeds seed .. seed+trials-1)")
+    p.add_argument("--seed", type=int, default=0, help="first seed")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--calibration", metavar="FILE.npz", help="inputs (key x) to calibrate converter ranges on")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    _hardware_args(p)
+    p.set_defaults(handler=_eval)
     return parser
+
+
+def _hardware_args(p: argparse.ArgumentParser) -> None:
+    group = p.add_argument_group("hardware (SI units; override the preset / file)")
+    group.add_argument("--preset", help="named hardware: ideal, rram, rram-harsh")
+    group.add_argument("--hardware", metavar="FILE", help="hardware description (TOML)")
+    for flag, kind, text in HARDWARE_FLAGS:
+        group.add_argument(flag, type=kind, help=text)
+
+
+def _hardware_options(args) -> dict:
+    """The hardware the flags describe: preset or file first, then single flags on top."""
+    if args.preset and args.hardware:
+        raise XCompileError("give --preset or --hardware, not both")
+    options = {flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_")) for flag, _, _ in HARDWARE_FLAGS}
+    options = {k: v for k, v in options.items() if v is not None}
+    if args.preset or args.hardware:
+        options["hardware"] = args.preset or args.hardware
+    return options
 
 
 def _compile(args) -> int:
@@ -79,7 +133,6 @@ def _compile(args) -> int:
         key: value
         for key, value in {
             "ideal": args.ideal or None,
-            "hardware": args.hardware,
             "rows": args.rows,
             "cols": args.cols,
             "weight_bits": args.weight_bits,
@@ -88,6 +141,7 @@ def _compile(args) -> int:
         }.items()
         if value is not None
     }
+    options.update(_hardware_options(args))
     started = time.perf_counter()
     mapping = compile_model(args.model, progress=False if args.quiet else None, **options)
     mapping.save(args.output)
@@ -117,16 +171,13 @@ def _run(args) -> int:
     from xcompile.fileio import atomic_output
     from xcompile.runtime.session import Session
 
-    session = Session(args.mapping)
-    names = [i.name for i in session.get_inputs()]
-    feeds = {}
-    for item in args.input:
-        name, sep, path = item.partition("=")
-        if not sep:
-            if len(names) != 1:
-                raise XCompileError(f"--input '{item}': the model has inputs {names}; say which one as NAME=FILE.npy")
-            name, path = names[0], item
-        feeds[name] = _load_npy(path)
+    from xcompile.artifact import load
+
+    mapping = load(args.mapping)
+    names = [v.name for v in mapping.program.graph.graph.input]
+    feeds = _feeds(args.input, names, "--input")
+    calibration = _feeds(args.calibration, names, "--calibration") if args.calibration else None
+    session = Session(mapping, seed=args.seed, calibration=calibration, **_hardware_options(args))
     outputs = session.run(None, feeds)
     out_names = [o.name for o in session.get_outputs()]
     if args.output:
@@ -140,6 +191,53 @@ def _run(args) -> int:
             print(f"{name}: shape {list(value.shape)} {value.dtype}")
             print(np.array2string(value, threshold=20, precision=5))
     return 0
+
+
+def _eval(args) -> int:
+    from xcompile.artifact import load
+    from xcompile.evaluate import evaluate
+
+    calibration = None
+    if args.calibration:
+        calibration = _load_npz_x(args.calibration)
+    result = evaluate(
+        load(args.mapping), args.dataset, trials=args.trials, seed=args.seed, batch_size=args.batch_size,
+        calibration=calibration, **_hardware_options(args),
+    )
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"dataset {result['dataset']}: {result['samples']} samples, {result['trials']} trial(s) from seed {args.seed}")
+    print(f"float model (ONNX Runtime): {result['float_accuracy']:.2%}")
+    print(f"crossbars:                  {result['crossbar_accuracy_mean']:.2%} +- {result['crossbar_accuracy_std']:.2%}")
+    print(f"drop:                       {result['drop_mean'] * 100:.2f} points")
+    print(f"ADC conversions clipped:    {result['adc_clipped_mean']:.0f} per trial (mean)")
+    return 0
+
+
+def _feeds(items: list[str], names: list[str], flag: str) -> dict[str, np.ndarray]:
+    feeds = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep:
+            if len(names) != 1:
+                raise XCompileError(f"{flag} '{item}': the model has inputs {names}; say which one as NAME=FILE.npy")
+            name, path = names[0], item
+        feeds[name] = _load_npy(path)
+    return feeds
+
+
+def _load_npz_x(path: str) -> np.ndarray:
+    file = Path(path)
+    if not file.is_file():
+        raise XCompileError(f"calibration file '{file}' does not exist")
+    try:
+        with np.load(file, allow_pickle=False) as data:
+            if "x" not in data:
+                raise XCompileError(f"calibration file '{file}' must hold an array 'x', it has {sorted(data.files)}")
+            return data["x"]
+    except (ValueError, OSError, EOFError) as exc:
+        raise XCompileError(f"calibration file '{file}' is not a readable .npz: {exc}") from None
 
 
 def _load_npy(path: str) -> np.ndarray:

@@ -17,11 +17,19 @@ from xcompile.errors import XCompileError
 ENCODINGS = ("dual",)
 
 
+VARIATIONS = ("none", "lognormal", "gaussian")
+DAC_RANGES = ("absmax", "calibrated")
+ADC_RANGES = ("fixed", "calibrated", "per_column")
+INPUT_MODES = ("analog", "bit_serial")
+
+
 @dataclass(frozen=True)
 class Hardware:
-    """One crossbar accelerator: array size and device window.
+    """One crossbar accelerator: array, devices, wires and converters (SI units).
 
-    Defaults describe a 128 x 128 RRAM crossbar with a 1 kOhm .. 100 kOhm window.
+    The defaults are a 128 x 128 crossbar with a 1 kOhm .. 100 kOhm window and every non-ideality
+    off (ideal wires, devices and converters); presets (`PRESETS`) describe realistic chips.
+    A bit count of 0 means an ideal converter.
     """
 
     rows: int = 128
@@ -29,21 +37,83 @@ class Hardware:
     g_on: float = 1e-3
     g_off: float = 1e-5
     v_read: float = 0.2
+    r_wire: float = 0.0
+    r_source: float = 0.0
+    r_sink: float = 0.0
+    dac_bits: int = 0
+    dac_range: str = "absmax"
+    input_mode: str = "analog"
+    adc_bits: int = 0
+    adc_range: str = "calibrated"
+    adc_nonlinearity: float = 0.0
+    variation: str = "none"
+    sigma: float = 0.0
+    stuck_off_rate: float = 0.0
+    stuck_on_rate: float = 0.0
+    read_noise: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("rows", "cols"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise XCompileError(f"hardware option '{name}' must be a whole number >= 1, got {value!r}")
+            _whole(f"hardware option '{name}'", getattr(self, name), 1, 1 << 16)
         if self.cols < 2:
             raise XCompileError(f"hardware option 'cols' must be >= 2 (a signed weight needs two columns), got {self.cols}")
         for name in ("g_on", "g_off", "v_read"):
             _positive_finite(f"hardware option '{name}'", getattr(self, name))
         if self.g_off >= self.g_on:
             raise XCompileError(f"hardware option 'g_off' ({self.g_off} S) must be below 'g_on' ({self.g_on} S)")
+        for name in ("r_wire", "r_source", "r_sink", "sigma", "read_noise", "adc_nonlinearity"):
+            _non_negative_finite(f"hardware option '{name}'", getattr(self, name))
+        for name in ("dac_bits", "adc_bits"):
+            _whole(f"hardware option '{name}' (0 = ideal converter)", getattr(self, name), 0, 24)
+        for name in ("stuck_off_rate", "stuck_on_rate"):
+            value = getattr(self, name)
+            _non_negative_finite(f"hardware option '{name}'", value)
+            if value > 1:
+                raise XCompileError(f"hardware option '{name}' is a fraction of cells and must be in [0, 1], got {value}")
+        if self.stuck_off_rate + self.stuck_on_rate > 1:
+            raise XCompileError("hardware options 'stuck_off_rate' + 'stuck_on_rate' must not exceed 1")
+        for name, allowed in (("variation", VARIATIONS), ("dac_range", DAC_RANGES), ("adc_range", ADC_RANGES), ("input_mode", INPUT_MODES)):
+            if getattr(self, name) not in allowed:
+                raise XCompileError(f"hardware option '{name}' must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.variation == "none" and self.sigma > 0:
+            raise XCompileError("hardware option 'sigma' is set but 'variation' is 'none': choose lognormal or gaussian")
+        if self.input_mode == "bit_serial" and self.dac_bits < 1:
+            raise XCompileError("hardware option 'input_mode' = 'bit_serial' needs 'dac_bits' >= 1 (the input bits)")
+
+    @property
+    def wires_ideal(self) -> bool:
+        return self.r_wire == 0 and self.r_source == 0 and self.r_sink == 0
+
+    @property
+    def ideal(self) -> bool:
+        """True when nothing differs from exact arithmetic on the programmed levels."""
+        return (
+            self.wires_ideal
+            and self.dac_bits == 0
+            and self.adc_bits == 0
+            and self.sigma == 0
+            and self.stuck_off_rate == 0
+            and self.stuck_on_rate == 0
+            and self.read_noise == 0
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# Named hardware descriptions: `--preset NAME` / `hardware="NAME"`; explicit options override them.
+PRESETS: dict[str, dict[str, Any]] = {
+    "ideal": {},
+    "rram": {  # a typical 1T1R RRAM macro: 8-bit converters, 5% lognormal spread, 2.5 Ohm segments
+        "r_wire": 2.5, "r_source": 100.0, "r_sink": 100.0, "dac_bits": 8, "adc_bits": 8,
+        "adc_range": "calibrated", "variation": "lognormal", "sigma": 0.05,
+    },
+    "rram-harsh": {  # long, thin lines and a wide spread: where mapping tricks matter
+        "r_wire": 10.0, "r_source": 500.0, "r_sink": 500.0, "dac_bits": 6, "adc_bits": 6,
+        "adc_range": "calibrated", "variation": "lognormal", "sigma": 0.15,
+        "stuck_off_rate": 0.01, "stuck_on_rate": 0.001,
+    },
+}
 
 
 @dataclass(frozen=True)
@@ -77,6 +147,16 @@ class CompileOptions:
         return dataclasses.asdict(self)
 
 
+def _whole(what: str, value: Any, low: int, high: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise XCompileError(f"{what} must be a whole number from {low} to {high}, got {value!r}")
+
+
+def _non_negative_finite(what: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 <= value < float("inf")):
+        raise XCompileError(f"{what} must be a finite number >= 0, got {value!r}")
+
+
 def _positive_finite(what: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value < float("inf")):
         raise XCompileError(f"{what} must be a finite number > 0, got {value!r}")
@@ -104,9 +184,15 @@ def split_options(options: dict[str, Any]) -> tuple[CompileOptions, Hardware]:
 
 
 def hardware_from(source: Hardware | dict | str | Path) -> Hardware:
-    """A Hardware from an instance, a dict, or a TOML file (keys at top level or under [hardware])."""
+    """A Hardware from an instance, a preset name, a dict, or a TOML file (top level or [hardware]).
+
+    A dict or file may name a `preset` to start from, and may give `r_on` and `on_off_ratio`
+    instead of `g_on` and `g_off`.
+    """
     if isinstance(source, Hardware):
         return source
+    if isinstance(source, str) and source in PRESETS:
+        return Hardware(**PRESETS[source])
     if isinstance(source, (str, Path)):
         path = Path(source)
         try:
@@ -118,8 +204,28 @@ def hardware_from(source: Hardware | dict | str | Path) -> Hardware:
         source = data.get("hardware", data)
     if not isinstance(source, dict):
         raise XCompileError(f"hardware must be a Hardware, a dict or a TOML path, got {type(source).__name__}")
+    values = dict(source)
+    preset = values.pop("preset", None)
+    if preset is not None and preset not in PRESETS:
+        raise XCompileError(f"unknown hardware preset {preset!r}; presets: {', '.join(PRESETS)}")
+    values = {**PRESETS.get(preset, {}), **_resistance_form(values)}
     known = {f.name for f in fields(Hardware)}
-    unknown = sorted(set(source) - known)
+    unknown = sorted(set(values) - known)
     if unknown:
         raise XCompileError(f"unknown hardware key(s) {', '.join(map(repr, unknown))}; known: {', '.join(sorted(known))}")
-    return Hardware(**source)
+    return Hardware(**values)
+
+
+def _resistance_form(values: dict[str, Any]) -> dict[str, Any]:
+    """Turn `r_on` (ohms) and `on_off_ratio` into `g_on` and `g_off` (siemens)."""
+    if "r_on" not in values and "on_off_ratio" not in values:
+        return values
+    if "g_on" in values or "g_off" in values:
+        raise XCompileError("give the device window as g_on / g_off or as r_on / on_off_ratio, not both")
+    values = dict(values)
+    r_on, ratio = values.pop("r_on", 1e3), values.pop("on_off_ratio", 100.0)
+    _positive_finite("hardware option 'r_on'", r_on)
+    _positive_finite("hardware option 'on_off_ratio'", ratio)
+    if ratio <= 1:
+        raise XCompileError(f"hardware option 'on_off_ratio' must be > 1, got {ratio}")
+    return {**values, "g_on": 1.0 / r_on, "g_off": 1.0 / (r_on * ratio)}

@@ -73,6 +73,7 @@ def format_summary(info: dict[str, Any]) -> str:
     mode = "ideal (float weights)" if opts["ideal"] else f"{opts['weight_bits']}-bit weights, {opts['cell_bits']}-bit cells"
     lines = [
         f"hardware: {hw['rows']}x{hw['cols']} crossbars, G {hw['g_off']:.3g}..{hw['g_on']:.3g} S, V_read {hw['v_read']} V",
+        f"          {_describe_nonidealities(hw)}",
         f"mapping:  {mode}, {opts['encoding']} encoding",
         "",
     ]
@@ -93,6 +94,20 @@ def format_summary(info: dict[str, Any]) -> str:
         "passes: " + " -> ".join(p["name"] for p in info["passes"]),
     ]
     return "\n".join(lines)
+
+
+def _describe_nonidealities(hw: dict[str, Any]) -> str:
+    wires = "ideal wires" if not (hw["r_wire"] or hw["r_source"] or hw["r_sink"]) else (
+        f"wires {hw['r_wire']} ohm/segment, source {hw['r_source']} ohm, sink {hw['r_sink']} ohm"
+    )
+    dac = f"DAC {hw['dac_bits']} bit ({hw['dac_range']}, {hw['input_mode']})" if hw["dac_bits"] else "ideal DAC"
+    adc = f"ADC {hw['adc_bits']} bit ({hw['adc_range']})" if hw["adc_bits"] else "ideal ADC"
+    devices = f"{hw['variation']} variation {hw['sigma']}" if hw["sigma"] else "no variation"
+    if hw["stuck_off_rate"] or hw["stuck_on_rate"]:
+        devices += f", stuck off/on {hw['stuck_off_rate']}/{hw['stuck_on_rate']}"
+    if hw["read_noise"]:
+        devices += f", read noise {hw['read_noise']}"
+    return f"{wires}; {dac}, {adc}; {devices}"
 
 
 def write_graph(program: Program, path: str | os.PathLike) -> Path:
