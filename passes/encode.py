@@ -25,15 +25,13 @@ def run(program: Program, progress=None) -> PassResult:
 def make_encoding(name: str, cols: int) -> Encoding:
     if name != "dual":
         raise ValueError(f"unknown encoding {name!r}")
-    outputs = cols // 2
-    out = np.arange(outputs)
     return Encoding(
         name="dual",
         columns_per_output=2,
         shared_columns=0,
-        combine_src=frozen_array(np.stack([2 * out, 2 * out + 1], axis=1).reshape(-1), np.int64),
-        combine_dst=frozen_array(np.repeat(out, 2), np.int64),
-        combine_coeff=frozen_array(np.tile([1.0, -1.0], outputs), np.float64),
+        term_offset=frozen_array(np.array([0, 1]), np.int64),
+        term_step=frozen_array(np.array([2, 2]), np.int64),
+        term_coeff=frozen_array(np.array([1.0, -1.0]), np.float64),
     )
 
 

@@ -9,7 +9,8 @@ ADC (a bits over [0, I_fs]): a column current I becomes
     u = clip(I / I_fs, 0, 1),  u' = tanh(alpha u) / tanh(alpha) (alpha = nonlinearity; 0: u' = u)
     code = round(u' * (2^a - 1)),  I_hat = code / (2^a - 1) * I_fs
 a = 0: an ideal ADC. Currents above I_fs are clipped and counted.
-These scalar functions are compiled into the kernels (runtime/kernels.py).
+These scalar functions are compiled into the kernels (runtime/kernels.py); numba's cache does
+not see edits here, so touch kernels.py after changing them.
 """
 
 from __future__ import annotations
@@ -17,25 +18,22 @@ from __future__ import annotations
 import math
 
 import numba
+import numpy as np
 
 
 @numba.njit(inline="always", cache=True)
-def adc(current: float, full_scale: float, levels: float, alpha: float) -> float:
-    """One conversion, as a current estimate in amperes (levels = 2^a - 1 > 0)."""
-    u = current / full_scale
-    if u > 1.0:
-        u = 1.0
-    elif u < 0.0:
-        u = 0.0
+def adc(current, inverse_full_scale, step, levels, alpha, tanh_alpha):
+    """One conversion as a current estimate (A): inverse_full_scale = 1 / I_fs, step = I_fs / levels.
+
+    Written for SIMD: float32, no branches but the nonlinearity's (uniform per call), np.rint.
+    """
+    u = min(max(current * inverse_full_scale, numba.float32(0.0)), numba.float32(1.0))
     if alpha > 0.0:
-        u = math.tanh(alpha * u) / math.tanh(alpha)
-    return round(u * levels) / levels * full_scale
+        u = numba.float32(math.tanh(alpha * u) / tanh_alpha)
+    return np.rint(u * levels) * step
 
 
 @numba.njit(inline="always", cache=True)
-def dac_code(magnitude: float, scale: float, levels: float) -> float:
+def dac_code(magnitude, scale, levels):
     """Input code (0 .. levels) of |x| for a vector of range `scale` (levels = 2^d - 1 > 0)."""
-    u = magnitude / scale
-    if u > 1.0:
-        u = 1.0
-    return round(u * levels)
+    return np.rint(min(magnitude / scale, 1.0) * levels)

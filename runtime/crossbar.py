@@ -9,9 +9,13 @@ every input: an MVM is DAC -> GEMM per row block (and per input pass / bit) -> A
 
 from __future__ import annotations
 
+import functools
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+from threadpoolctl import ThreadpoolController
 
 from xcompile.config import Hardware
 from xcompile.errors import XCompileError
@@ -26,13 +30,18 @@ class _RowBlock:
     rows: tuple[int, int]
     conductance: np.ndarray  # float32 [rows, columns]: V_read * G_eff (so currents are in A)
     noise_variance: np.ndarray | None  # float32 (read_noise * V_read * G_eff)^2
-    col_ptr: np.ndarray  # int64 [columns + 1], entries of each column in dst / coeff
-    dst: np.ndarray  # int64: output index
-    coeff: np.ndarray  # float64
+    tile_base: np.ndarray  # int64 [tiles]: first column of each tile in `conductance`
+    tile_acc: np.ndarray  # int64 [tiles]: first column of its column block in the accumulator
+    tile_columns: np.ndarray  # int64 [tiles]: physical columns each tile uses
     tile_of_column: np.ndarray  # int64 [columns]
     fixed_scale: np.ndarray  # float64 [columns]: the largest current a column can carry
-    full_scale: np.ndarray  # float64 [columns]: ADC range in use
     seen_max: np.ndarray  # float64 [columns]: largest current seen while calibrating
+    inverse_full_scale: np.ndarray = None  # float32 [columns]: 1 / ADC range in use
+    step: np.ndarray = None  # float32 [columns]: ADC range / levels
+
+    def set_full_scale(self, full_scale: np.ndarray, levels: float) -> None:
+        self.inverse_full_scale = (1.0 / full_scale).astype(np.float32)
+        self.step = (full_scale / max(levels, 1.0)).astype(np.float32)
 
 
 class ProgrammedLayer:
@@ -50,8 +59,11 @@ class ProgrammedLayer:
             self.weights = effective_weights(layer)
             return
         self.level_max = level_max
+        self.adc_levels = float(2**hardware.adc_bits - 1)
         self._noise_rng = np.random.default_rng([seed, layer.index, 1])
-        self.blocks = _program_blocks(layer, hardware, level_max, np.random.default_rng([seed, layer.index]))
+        self.block_acc, self.block_out, self.block_outputs = _column_blocks(layer)
+        self.acc_columns = int(self.block_acc[-1] + layer.encoding.columns_used(int(self.block_outputs[-1])))
+        self.blocks = _program_blocks(layer, hardware, level_max, self.block_acc, np.random.default_rng([seed, layer.index]))
         # y = s * sum(coeff * I) * this, s the input vector's range (see runtime/converters.py)
         self.output_factor = level_max * layer.scale / (hardware.v_read * (hardware.g_on - hardware.g_off))
 
@@ -73,7 +85,7 @@ class ProgrammedLayer:
                 np.maximum.at(per_tile, block.tile_of_column, seen)
                 seen = per_tile[block.tile_of_column]
             if self.hw.adc_range != "fixed":
-                block.full_scale = seen
+                block.set_full_scale(seen, self.adc_levels)
         if self.input_range <= 0:
             self.input_range = 1.0
 
@@ -92,13 +104,35 @@ class ProgrammedLayer:
         return y.transpose(1, 0, 2).reshape(x.shape[0], groups * ng)
 
     def _crossbar(self, rows: np.ndarray) -> np.ndarray:
-        hw = self.hw
         x = np.ascontiguousarray(rows, dtype=np.float64)
         if not np.isfinite(x).all():
             raise XCompileError(f"layer '{self.layer.name}': the input holds NaN or infinite values")
         scale = self._input_scale(x)
         out = np.zeros((x.shape[0], self.layer.outputs), dtype=np.float64)
+        acc = np.zeros((x.shape[0], self.acc_columns), dtype=np.float32)
         clipped = np.zeros(x.shape[0], dtype=np.int64)
+        noise = self._noise_rng.spawn(1)[0] if self.hw.read_noise > 0 else None
+        chunks = _chunks(x.shape[0])
+        if len(chunks) == 1 or self.calibrating:
+            self._chunk(x, scale, acc, out, clipped, noise)
+        else:
+            seeds = noise.spawn(len(chunks)) if noise is not None else [None] * len(chunks)
+            with _single_threaded_blas():
+                list(_pool().map(lambda c, r: self._chunk(x[c], scale[c], acc[c], out[c], clipped[c], r), chunks, seeds))
+        self.clipped += int(clipped.sum())
+        if self.hw.adc_bits > 0 and not self.calibrating:
+            self.conversions += x.shape[0] * self._conversions_per_vector(x)
+        out *= (scale * self.output_factor)[:, None]
+        return out
+
+    def _conversions_per_vector(self, x: np.ndarray) -> int:
+        columns = sum(block.conductance.shape[1] for block in self.blocks)
+        passes = self.hw.dac_bits if self.hw.input_mode == "bit_serial" else 1
+        return columns * passes * (2 if (x < 0).any() else 1)
+
+    def _chunk(self, x, scale, acc, out, clipped, noise) -> None:
+        """DAC, array reads, ADC and recombination for a slice of the batch (on a worker thread)."""
+        hw = self.hw
         dac_levels = float(2**hw.dac_bits - 1) if hw.dac_bits else 0.0
         if hw.input_mode == "bit_serial":
             plane = np.empty(x.shape, dtype=np.float32)
@@ -107,17 +141,17 @@ class ProgrammedLayer:
                     continue
                 for bit in range(hw.dac_bits):
                     kernels.bit_plane(x, scale, dac_levels, sign, bit, plane)
-                    self._read(plane, sign * 2.0**bit / dac_levels, out, clipped)
+                    self._read(plane, sign * 2.0**bit / dac_levels, acc, clipped, noise)
         else:
             positive = np.empty(x.shape, dtype=np.float32)
             negative = np.empty(x.shape, dtype=np.float32)
-            any_negative = kernels.dac_split(x, scale, dac_levels, positive, negative)
-            self._read(positive, 1.0, out, clipped)
-            if any_negative:
-                self._read(negative, -1.0, out, clipped)
-        self.clipped += int(clipped.sum())
-        out *= (scale * self.output_factor)[:, None]
-        return out
+            if kernels.dac_split(x, scale, dac_levels, positive, negative):
+                self._read(negative, -1.0, acc, clipped, noise)
+            self._read(positive, 1.0, acc, clipped, noise)
+        enc = self.layer.encoding
+        kernels.combine(
+            acc, self.block_acc, self.block_out, self.block_outputs, enc.term_offset, enc.term_step, enc.term_coeff, out
+        )
 
     def _input_scale(self, x: np.ndarray) -> np.ndarray:
         """The range s of every input vector: its own max |x|, or the calibrated layer range."""
@@ -128,27 +162,34 @@ class ProgrammedLayer:
             return per_vector
         return np.full(x.shape[0], self.input_range)
 
-    def _read(self, voltages: np.ndarray, weight: float, out: np.ndarray, clipped: np.ndarray) -> None:
-        """One array read of every row block with these normalised voltages, then ADC + combine."""
-        hw = self.hw
-        adc_levels = 0.0 if (hw.adc_bits == 0 or self.calibrating) else float(2**hw.adc_bits - 1)
+    def _read(self, voltages, weight, acc, clipped, noise) -> None:
+        """One array read of every row block with these normalised voltages, then the ADC."""
+        convert = self.hw.adc_bits > 0 and not self.calibrating
         for block in self.blocks:
             v = voltages[:, block.rows[0] : block.rows[1]]
             currents = v @ block.conductance
             if block.noise_variance is not None:
                 spread = np.sqrt(np.square(v) @ block.noise_variance)
-                currents += spread * self._noise_rng.standard_normal(currents.shape, dtype=np.float32)
+                currents += spread * noise.standard_normal(currents.shape, dtype=np.float32)
             if self.calibrating:
                 np.maximum(block.seen_max, currents.max(axis=0, initial=0.0), out=block.seen_max)
-            elif adc_levels:
-                self.conversions += currents.size
-            kernels.adc_accumulate(
-                currents, block.full_scale, adc_levels, hw.adc_nonlinearity,
-                block.col_ptr, block.dst, block.coeff, weight, out, clipped,
+            kernels.convert_accumulate(
+                currents, convert, block.inverse_full_scale, block.step, np.float32(self.adc_levels),
+                self.hw.adc_nonlinearity, block.tile_base, block.tile_acc, block.tile_columns, np.float32(weight), acc, clipped,
             )
 
 
-def _program_blocks(layer: Layer, hw: Hardware, level_max: float, rng: np.random.Generator) -> list[_RowBlock]:
+def _column_blocks(layer: Layer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per column block: its first accumulator column, first output, and number of outputs."""
+    tiling, enc = layer.tiling, layer.encoding
+    blocks = sorted({(int(cb), int(c0), int(c1)) for (_, cb), (c0, c1) in zip(tiling.grid, tiling.out_range)})
+    outputs = np.array([c1 - c0 for _, c0, c1 in blocks], dtype=np.int64)
+    widths = np.array([enc.columns_used(int(n)) for n in outputs], dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(widths)[:-1]]).astype(np.int64)
+    return starts, np.array([c0 for _, c0, _ in blocks], dtype=np.int64), outputs
+
+
+def _program_blocks(layer: Layer, hw: Hardware, level_max: float, block_acc: np.ndarray, rng: np.random.Generator) -> list[_RowBlock]:
     """Program every tile (device effects, then G_eff of the whole physical array) by row block."""
     tiling, enc = layer.tiling, layer.encoding
     per_block: dict[int, list[int]] = {}
@@ -158,41 +199,34 @@ def _program_blocks(layer: Layer, hw: Hardware, level_max: float, rng: np.random
     for rb in sorted(per_block):
         tiles = per_block[rb]
         r0, r1 = (int(v) for v in tiling.row_range[tiles[0]])
-        columns, ptr, dst, coeff, owner, fixed = [], [0], [], [], [], []
+        columns, owner, fixed, base, acc_start, widths = [], [], [], [], [], []
         for i in tiles:
             c0, c1 = (int(v) for v in tiling.out_range[i])
-            used = (c1 - c0) * enc.columns_per_output + enc.shared_columns
+            used = enc.columns_used(c1 - c0)
             g = devices.program(layer.levels[i], level_max, hw, rng)
             if not hw.wires_ideal:
-                from xcompile.runtime.physics import effective_conductance
-
                 g = effective_conductance(g, hw.r_wire, hw.r_source, hw.r_sink)
+            base.append(sum(c.shape[1] for c in columns))
+            acc_start.append(int(block_acc[int(tiling.grid[i][1])]))
+            widths.append(used)
             columns.append(g[: r1 - r0, :used])
-            keep = (enc.combine_src < used) & (enc.combine_dst < c1 - c0)
-            src, d, k = enc.combine_src[keep], enc.combine_dst[keep], enc.combine_coeff[keep]
-            for c in range(used):
-                entries = src == c
-                dst.extend((c0 + d[entries]).tolist())
-                coeff.extend(k[entries].tolist())
-                ptr.append(len(dst))
             owner.extend([i] * used)
             fixed.extend([hw.v_read * hw.g_on * (r1 - r0)] * used)
         conductance = (np.concatenate(columns, axis=1) * hw.v_read).astype(np.float32)
         fixed_scale = np.array(fixed, dtype=np.float64)
-        blocks.append(
-            _RowBlock(
-                rows=(r0, r1),
-                conductance=conductance,
-                noise_variance=np.square(conductance * np.float32(hw.read_noise)) if hw.read_noise > 0 else None,
-                col_ptr=np.array(ptr, dtype=np.int64),
-                dst=np.array(dst, dtype=np.int64),
-                coeff=np.array(coeff, dtype=np.float64),
-                tile_of_column=np.array(owner, dtype=np.int64),
-                fixed_scale=fixed_scale,
-                full_scale=fixed_scale.copy(),
-                seen_max=np.zeros_like(fixed_scale),
-            )
+        block = _RowBlock(
+            rows=(r0, r1),
+            conductance=conductance,
+            noise_variance=np.square(conductance * np.float32(hw.read_noise)) if hw.read_noise > 0 else None,
+            tile_base=np.array(base, dtype=np.int64),
+            tile_acc=np.array(acc_start, dtype=np.int64),
+            tile_columns=np.array(widths, dtype=np.int64),
+            tile_of_column=np.array(owner, dtype=np.int64),
+            fixed_scale=fixed_scale,
+            seen_max=np.zeros_like(fixed_scale),
         )
+        block.set_full_scale(fixed_scale, float(2**hw.adc_bits - 1))
+        blocks.append(block)
     return blocks
 
 
@@ -202,8 +236,28 @@ def effective_weights(layer: Layer) -> np.ndarray:
     target = np.zeros(layer.weight.shape, dtype=np.float64)
     for i in range(tiling.count):
         (r0, r1), (c0, c1) = tiling.row_range[i], tiling.out_range[i]
-        cells = layer.levels[i, : r1 - r0].astype(np.float64)
-        block = np.zeros((r1 - r0, enc.outputs_per_tile(tiling.cols)), dtype=np.float64)
-        np.add.at(block.T, enc.combine_dst, cells[:, enc.combine_src].T * enc.combine_coeff[:, None])
-        layer.add_block(target, (r0, r1), (c0, c1), block[:, : c1 - c0])
+        block = enc.combine(layer.levels[i, : r1 - r0].astype(np.float64), c1 - c0)
+        layer.add_block(target, (r0, r1), (c0, c1), block)
     return target * layer.scale
+
+
+def _chunks(rows: int, smallest: int = 64) -> list[slice]:
+    """Batch slices for the worker threads: one per core, none smaller than `smallest` rows."""
+    count = max(1, min(os.cpu_count() or 1, rows // smallest))
+    edges = np.linspace(0, rows, count + 1).astype(int)
+    return [slice(a, b) for a, b in zip(edges[:-1], edges[1:])]
+
+
+@functools.cache
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="xcompile")
+
+
+@functools.cache
+def _blas() -> ThreadpoolController:
+    return ThreadpoolController()
+
+
+def _single_threaded_blas():
+    """BLAS on one thread while our own threads each run GEMMs (no oversubscription)."""
+    return _blas().limit(limits=1, user_api="blas")

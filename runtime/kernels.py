@@ -1,10 +1,14 @@
 """Numba kernels of the crossbar runtime: the per-element work around the array GEMMs.
 
 The array read itself (input voltages @ G_eff) is a BLAS GEMM; these kernels are the DAC before it
-and the ADC + digital recombination after it, fused so each current is touched once.
+and the ADC + digital recombination after it, fused so each current is touched once. They are
+serial and release the GIL: the runtime runs batch chunks on its own threads (BLAS held to one
+thread meanwhile), which keeps both cores busy without BLAS and OpenMP threads fighting.
 """
 
 from __future__ import annotations
+
+import math
 
 import numba
 import numpy as np
@@ -12,37 +16,34 @@ import numpy as np
 from xcompile.runtime.converters import adc, dac_code
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(nogil=True, cache=True)
 def dac_split(x, scale, levels, positive, negative):
     """Normalised row voltages (code / levels, or |x| / scale for an ideal DAC) of both signs.
 
     x [P, K]; scale [P] (the range of each vector); returns whether any input was negative.
     """
     rows, k = x.shape
-    any_negative = np.zeros(rows, dtype=np.bool_)
-    for p in numba.prange(rows):
+    any_negative = False
+    for p in range(rows):
         s = scale[p]
+        inverse = 1.0 / s if s > 0.0 else 0.0
         for i in range(k):
             value = x[p, i]
-            magnitude = abs(value)
-            u = 0.0
-            if s > 0.0:
-                u = dac_code(magnitude, s, levels) / levels if levels > 0 else min(magnitude / s, 1.0)
-            if value >= 0.0:
-                positive[p, i] = u
-                negative[p, i] = 0.0
+            if levels > 0:
+                u = dac_code(abs(value), s, levels) / levels if s > 0.0 else 0.0
             else:
-                positive[p, i] = 0.0
-                negative[p, i] = u
-                any_negative[p] = True
-    return any_negative.any()
+                u = min(abs(value) * inverse, 1.0)
+            positive[p, i] = u if value >= 0.0 else 0.0
+            negative[p, i] = u if value < 0.0 else 0.0
+            any_negative |= value < 0.0
+    return any_negative
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(nogil=True, cache=True)
 def bit_plane(x, scale, levels, sign, bit, out):
     """Row voltages (0 or 1) of one input bit: bit `bit` of the DAC code of sign * x."""
     rows, k = x.shape
-    for p in numba.prange(rows):
+    for p in range(rows):
         s = scale[p]
         for i in range(k):
             value = sign * x[p, i]
@@ -52,21 +53,42 @@ def bit_plane(x, scale, levels, sign, bit, out):
             out[p, i] = (code >> bit) & 1
 
 
-@numba.njit(parallel=True, cache=True)
-def adc_accumulate(currents, full_scale, levels, alpha, col_ptr, dst, coeff, weight, out, clipped):
-    """out[p, dst] += weight * coeff * ADC(currents[p, c]) for every column c and its entries.
+@numba.njit(nogil=True, cache=True)
+def convert_accumulate(currents, convert, inverse_full_scale, step, levels, alpha, tile_base, tile_acc, tile_columns, weight, acc, clipped):
+    """acc[p, tile_acc[t] + c] += weight * ADC(currents[p, tile_base[t] + c]) for each tile t.
 
-    levels = 2^a - 1 (0: ideal ADC). clipped[p] counts conversions above full scale.
+    currents [P, C]: one row block's tiles side by side. acc holds one column per physical column
+    of a column block, so row blocks that share outputs add up before the (linear) recombination.
+    convert = False: an ideal ADC. clipped[p] counts conversions above full scale. Row and tile
+    slices keep the inner loops contiguous, so they vectorise.
     """
-    rows, cols = currents.shape
-    for p in numba.prange(rows):
+    tanh_alpha = math.tanh(alpha) if alpha > 0.0 else 1.0
+    for p in range(currents.shape[0]):
         count = 0
-        for c in range(cols):
-            current = currents[p, c]
-            if levels > 0:
-                if current > full_scale[c]:
-                    count += 1
-                current = adc(current, full_scale[c], levels, alpha)
-            for e in range(col_ptr[c], col_ptr[c + 1]):
-                out[p, dst[e]] += weight * coeff[e] * current
+        row, target = currents[p], acc[p]
+        for t in range(tile_base.size):
+            first, width = tile_base[t], tile_columns[t]
+            source = row[first : first + width]
+            into = target[tile_acc[t] : tile_acc[t] + width]
+            if convert:
+                inverse, quantum = inverse_full_scale[first : first + width], step[first : first + width]
+                for c in range(width):
+                    count += source[c] * inverse[c] > 1.0
+                    into[c] += weight * adc(source[c], inverse[c], quantum[c], levels, alpha, tanh_alpha)
+            else:
+                for c in range(width):
+                    into[c] += weight * source[c]
         clipped[p] += count
+
+
+@numba.njit(nogil=True, cache=True)
+def combine(acc, block_acc, block_out, block_outputs, term_offset, term_step, term_coeff, out):
+    """out[p, block_out[b] + j] += sum_k coeff_k * acc[p, block_acc[b] + offset_k + step_k * j]."""
+    for p in range(acc.shape[0]):
+        row, target = acc[p], out[p]
+        for b in range(block_acc.size):
+            into = target[block_out[b] : block_out[b] + block_outputs[b]]
+            for k in range(term_offset.size):
+                start, stride, factor = block_acc[b] + term_offset[k], term_step[k], term_coeff[k]
+                for j in range(block_outputs[b]):
+                    into[j] += factor * row[start + stride * j]

@@ -32,7 +32,7 @@ FORMAT_VERSION = 1
 MANIFEST, MANIFEST_DIGEST = "manifest.json", "manifest.sha256"
 _LAYER_ARRAYS = ("weight", "bias", "weight_q", "levels")
 _TILING_ARRAYS = ("grid", "row_range", "out_range", "crossbar")
-_ENCODING_ARRAYS = ("combine_src", "combine_dst", "combine_coeff")
+_ENCODING_ARRAYS = ("term_offset", "term_step", "term_coeff")
 
 
 class Mapping:

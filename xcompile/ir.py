@@ -33,19 +33,31 @@ class Encoding:
     """How a signed output is spread over non-negative cell columns of one tile.
 
     A tile holding n outputs uses `columns_per_output * n + shared_columns` physical columns.
-    `combine` gives the digital recombination after the ADC, tile-local and for a full tile:
-    output[dst] += coeff * column_current[src].
+    The digital recombination after the ADC is a sum of affine terms: for every term k and
+    tile-local output j < n, output[j] += term_coeff[k] * column[term_offset[k] + term_step[k] * j].
+    Layouts keep offsets independent of n, so one set of terms serves full and edge tiles.
     """
 
     name: str
     columns_per_output: int
     shared_columns: int
-    combine_src: np.ndarray
-    combine_dst: np.ndarray
-    combine_coeff: np.ndarray
+    term_offset: np.ndarray  # int64 [terms]
+    term_step: np.ndarray  # int64 [terms]
+    term_coeff: np.ndarray  # float64 [terms]
 
     def outputs_per_tile(self, cols: int) -> int:
         return (cols - self.shared_columns) // self.columns_per_output
+
+    def columns_used(self, outputs: int) -> int:
+        return outputs * self.columns_per_output + self.shared_columns
+
+    def combine(self, cells: np.ndarray, outputs: int) -> np.ndarray:
+        """The signed outputs [..., outputs] that columns `cells` [..., columns] stand for."""
+        j = np.arange(outputs)
+        result = np.zeros(cells.shape[:-1] + (outputs,), dtype=np.result_type(cells.dtype, np.float64))
+        for offset, step, coeff in zip(self.term_offset, self.term_step, self.term_coeff):
+            result += coeff * cells[..., offset + step * j]
+        return result
 
 
 @dataclass(frozen=True, eq=False)
