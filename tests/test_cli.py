@@ -129,11 +129,12 @@ def _truncated(path):
         (_channel_mismatch, [], "channel"),
         ("cnn", ["--rows", "0"], "rows"),
         ("cnn", ["--weight-bits", "0"], "weight_bits"),
+        ("cnn", ["--weight-bits", "4", "--cell-bits", "6"], "cell_bits"),
         ("cnn", ["--encoding", "quaternary"], "encoding"),
         ("cnn", ["--hardware", "HW"], "colums"),
         ("cnn", ["--hardware", "missing.toml"], "does not exist"),
     ],
-    ids=["missing", "text-file", "truncated", "dynamic-weight", "channel-mismatch", "rows-0", "bits-0", "encoding", "hardware-key", "hardware-missing"],
+    ids=["missing", "text-file", "truncated", "dynamic-weight", "channel-mismatch", "rows-0", "bits-0", "cell-over-weight", "encoding", "hardware-key", "hardware-missing"],
 )
 def test_bad_compile_input_is_one_clear_line_exit_2_and_no_output(tmp_path, cnn_path, make, args, message):
     source = tmp_path / "model.onnx"

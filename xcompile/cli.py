@@ -74,8 +74,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cols", type=int, help="crossbar columns (default 128)")
     _hardware_args(p)
     p.add_argument("--weight-bits", type=int, help="weight magnitude bits (default 8)")
-    p.add_argument("--cell-bits", type=int, help="bits per cell (default 8)")
-    p.add_argument("--encoding", help="signed-weight encoding: dual (default)")
+    p.add_argument("--cell-bits", type=int, help="bits per cell (default 8); weight_bits / cell_bits slices")
+    p.add_argument("--encoding", help="signed-weight encoding: dual (default), acm, offset")
+    p.add_argument("--acm-fit", help="ACM rows that overflow the cells: scale (default) or clip")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary line")
     p.set_defaults(handler=_compile)
 
@@ -138,6 +139,7 @@ def _compile(args) -> int:
             "weight_bits": args.weight_bits,
             "cell_bits": args.cell_bits,
             "encoding": args.encoding,
+            "acm_fit": args.acm_fit,
         }.items()
         if value is not None
     }

@@ -14,7 +14,8 @@ from typing import Any
 
 from xcompile.errors import XCompileError
 
-ENCODINGS = ("dual",)
+ENCODINGS = ("dual", "acm", "offset")
+ACM_FITS = ("scale", "clip")
 
 
 VARIATIONS = ("none", "lognormal", "gaussian")
@@ -121,27 +122,34 @@ class CompileOptions:
     """How weights are turned into cells.
 
     ideal: keep float weights (no quantisation); the equivalence mode.
-    weight_bits: magnitude bits of a quantised weight (the sign is carried by the encoding).
-    cell_bits: bits one cell stores; weight_bits / cell_bits slices (one slice for now).
+    weight_bits: bits of a quantised weight's magnitude (the sign is carried by the encoding).
+    cell_bits: bits one cell stores; a weight takes ceil(weight_bits / cell_bits) slices.
+    encoding: dual | acm | offset (passes/encode.py).
+    acm_fit: what ACM does with a row whose suffix sums overflow the cells: scale | clip.
     """
 
     ideal: bool = False
     weight_bits: int = 8
     cell_bits: int = 8
     encoding: str = "dual"
+    acm_fit: str = "scale"
 
     def __post_init__(self) -> None:
         for name in ("weight_bits", "cell_bits"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 16:
                 raise XCompileError(f"option '{name}' must be a whole number from 1 to 16, got {value!r}")
-        if self.cell_bits != self.weight_bits:
+        if self.cell_bits > self.weight_bits:
             raise XCompileError(
-                f"option 'cell_bits' ({self.cell_bits}) must equal 'weight_bits' ({self.weight_bits}): "
-                "bit slicing is not available yet, one cell holds one weight magnitude"
+                f"option 'cell_bits' ({self.cell_bits}) must not exceed 'weight_bits' ({self.weight_bits}): "
+                "a cell holds one slice of a weight"
             )
         if self.encoding not in ENCODINGS:
             raise XCompileError(f"option 'encoding' must be one of {', '.join(ENCODINGS)}, got {self.encoding!r}")
+        if self.acm_fit not in ACM_FITS:
+            raise XCompileError(f"option 'acm_fit' must be one of {', '.join(ACM_FITS)}, got {self.acm_fit!r}")
+        if self.encoding == "offset" and self.weight_bits < 2:
+            raise XCompileError("the offset encoding needs 'weight_bits' >= 2 (one bit goes to the offset)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

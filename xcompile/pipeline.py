@@ -55,7 +55,7 @@ def _pass_options(name: str, program: Program) -> dict[str, Any]:
     opts, hw = program.options, program.hardware
     return {
         "quantize": {"weight_bits": opts.weight_bits, "ideal": opts.ideal},
-        "encode": {"encoding": opts.encoding},
+        "encode": {"encoding": opts.encoding, "acm_fit": opts.acm_fit, "cell_bits": opts.cell_bits},
         "tile": {"rows": hw.rows, "cols": hw.cols},
         "assign": {"cell_bits": opts.cell_bits, "g_on": hw.g_on, "g_off": hw.g_off},
     }[name]
