@@ -21,6 +21,7 @@ from xcompile.config import Hardware
 from xcompile.errors import XCompileError
 from xcompile.ir import Layer
 from xcompile.runtime import devices, kernels
+from xcompile.runtime.physics import effective_conductance
 
 
 @dataclass
@@ -205,8 +206,6 @@ def _program_blocks(layer: Layer, hw: Hardware, level_max: float, block_acc: np.
             used = enc.columns_used(c1 - c0)
             g = devices.program(layer.levels[i], level_max, hw, rng)
             if not hw.wires_ideal:
-                from xcompile.runtime.physics import effective_conductance
-
                 g = effective_conductance(g, hw.r_wire, hw.r_source, hw.r_sink)
             base.append(sum(c.shape[1] for c in columns))
             acc_start.append(int(block_acc[int(tiling.grid[i][1])]))

@@ -1,0 +1,187 @@
+"""Line resistance: the exact effective conductance matrix of a crossbar with resistive wires.
+
+Conventions (DESIGN.md, binding): row i is driven by v_i at column 0's end through R_source;
+word-line segments between neighbouring cells are r_wire; column j is sensed at row R-1's end
+into a virtual ground through R_sink; bit-line segments are r_wire; cell (i, j) joins word-line
+node a_ij and bit-line node b_ij with conductance G_ij; the output of column j is the current
+into ground. The network is linear, so I = v @ G_eff exactly.
+
+Solution (exact, direct, O(R C^3) with BLAS): with gw = 1/r_wire, gs = 1/R_source,
+gk = 1/R_sink and D_i = diag(G_i), KCL on word line i gives T_i a_i = s v_i e_0 + D'_i b_i, T_i
+the tridiagonal chain (gw) plus D_i plus gs at node 0 (a pinned node 0 when R_source = 0:
+s = 1, D'_i = D_i without row 0; else s = gs, D'_i = D_i). Eliminating a_i from the bit-line
+equations leaves a block-tridiagonal system over rows with diagonal coupling -gw between row i
+and i+1:
+    A_i b_i - gw b_{i-1} - gw b_{i+1} = v_i r_i,   A_i = D_i - D_i T_i^-1 D'_i + vertical terms,
+    r_i = s D_i T_i^-1 e_0.
+Block elimination from the top, S_0 = A_0, S_i = A_i - gw^2 S_{i-1}^-1, needs only the last
+block of the solution, so row i's response is G_eff[i] = Q_i r_i with Q_last = g_out S_last^-1
+and Q_i = gw Q_{i+1} S_i^-1 (one C x C product per row). R_sink = 0 grounds the last bit-line
+row instead; r_wire = 0 makes every line one node (a small dense system).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+
+def effective_conductance(G, r_wire: float, r_source: float = 0.0, r_sink: float = 0.0) -> np.ndarray:
+    """Exact R x C matrix G_eff (S) with I = v @ G_eff for the crossbar network above."""
+    G = _check(G, r_wire, r_source, r_sink)
+    if r_wire == 0:
+        return _lumped(G, r_source, r_sink)
+    rows, cols = G.shape
+    gw = 1.0 / r_wire
+    pinned_source = r_source == 0
+    grounded_sink = r_sink == 0
+
+    # word lines: the tridiagonal T_i of every row, inverted in O(C^2) each
+    idx = np.arange(cols)
+    diagonal = gw * (2.0 - (idx == 0) - (idx == cols - 1)) + G
+    lower = np.full((rows, cols), -gw)  # lower[:, j] = T[j, j-1]
+    upper = np.full((rows, cols), -gw)  # upper[:, j] = T[j, j+1]
+    if pinned_source:  # node 0 is the source voltage itself: row 0 of T_i is e_0
+        diagonal[:, 0] = 1.0
+        upper[:, 0] = 0.0
+        source_gain = 1.0
+    else:
+        diagonal[:, 0] += 1.0 / r_source
+        source_gain = 1.0 / r_source
+    T_inv = tridiagonal_inverses(lower, diagonal, upper)
+    D_prime = G.copy()
+    if pinned_source:
+        D_prime[:, 0] = 0.0
+    r = source_gain * G * T_inv[:, :, 0]  # [rows, cols]: D_i T_i^-1 e_0 s
+    A = -G[:, :, None] * T_inv * D_prime[:, None, :]
+    A[:, idx, idx] += G
+
+    last = rows - 2 if grounded_sink else rows - 1  # last bit-line row with unknown voltages
+    if last < 0:  # one row into grounded sinks: each cell's current flows straight out
+        return r.copy()
+    vertical = np.full(last + 1, 2 * gw)
+    vertical[0] -= gw
+    if not grounded_sink:
+        vertical[last] += 1.0 / r_sink - gw
+    A[: last + 1, idx, idx] += vertical[:, None]
+
+    S_inv = np.empty((last + 1, cols, cols))
+    S = A[0]
+    for i in range(last + 1):
+        if i:
+            S = A[i] - gw * gw * S_inv[i - 1]
+        S_inv[i] = np.linalg.inv(S)
+    out_gain = gw if grounded_sink else 1.0 / r_sink  # current into ground from the last unknown row
+    result = np.empty((rows, cols))
+    Q = out_gain * S_inv[last]
+    for i in range(last, -1, -1):
+        result[i] = Q @ r[i]
+        if i:
+            Q = gw * (Q @ S_inv[i - 1])
+    if grounded_sink:  # the last row's cells feed the grounded bit-line nodes directly
+        result[rows - 1] = r[rows - 1]
+    return result
+
+
+@numba.njit(cache=True)
+def tridiagonal_inverses(lower, diagonal, upper):
+    """Dense inverses of R tridiagonal C x C matrices (rows of the three diagonals), O(R C^2).
+
+    Thomas elimination on the identity: the forward sweep is shared by all C right-hand sides.
+    """
+    rows, n = diagonal.shape
+    out = np.zeros((rows, n, n))
+    ratio = np.empty(n)
+    pivot = np.empty(n)
+    for r in range(rows):
+        pivot[0] = diagonal[r, 0]
+        for j in range(1, n):
+            ratio[j] = lower[r, j] / pivot[j - 1]
+            pivot[j] = diagonal[r, j] - ratio[j] * upper[r, j - 1]
+        inverse = out[r]
+        for k in range(n):  # column k of the inverse: forward (L y = e_k), then back (U x = y)
+            y = np.zeros(n)
+            y[k] = 1.0
+            for j in range(k + 1, n):
+                y[j] = -ratio[j] * y[j - 1]
+            inverse[n - 1, k] = y[n - 1] / pivot[n - 1]
+            for j in range(n - 2, -1, -1):
+                inverse[j, k] = (y[j] - upper[r, j] * inverse[j + 1, k]) / pivot[j]
+    return out
+
+
+def _lumped(G: np.ndarray, r_source: float, r_sink: float) -> np.ndarray:
+    """r_wire = 0: every word line is one node a_i, every bit line one node b_j."""
+    if r_source == 0 and r_sink == 0:
+        return G.copy()
+    row_sum, col_sum = G.sum(axis=1), G.sum(axis=0)
+    if r_sink == 0:  # b = 0: a_i = gs v_i / (gs + sum_j G_ij)
+        gs = 1.0 / r_source
+        return (gs / (gs + row_sum))[:, None] * G
+    gk = 1.0 / r_sink
+    if r_source == 0:  # a = v: b_j = sum_i G_ij v_i / (gk + sum_i G_ij)
+        return G * (gk / (gk + col_sum))[None, :]
+    gs = 1.0 / r_source
+    drive = gs / (gs + row_sum)
+    M = np.diag(gk + col_sum) - G.T @ (G / (gs + row_sum)[:, None])
+    return gk * np.linalg.solve(M, (drive[:, None] * G).T).T
+
+
+def _check(G, r_wire, r_source, r_sink) -> np.ndarray:
+    G = np.asarray(G, dtype=np.float64)
+    if G.ndim != 2 or 0 in G.shape:
+        raise ValueError(f"G must be a non-empty 2-D array of conductances, got shape {list(G.shape)}")
+    if not np.isfinite(G).all() or (G < 0).any():
+        raise ValueError("G must hold finite conductances >= 0 (siemens)")
+    for name, value in (("r_wire", r_wire), ("r_source", r_source), ("r_sink", r_sink)):
+        if not np.isfinite(value) or value < 0:
+            raise ValueError(f"{name} must be a finite resistance >= 0 (ohms), got {value!r}")
+    return G
+
+
+def nodal_system(G, r_wire: float, r_source: float, r_sink: float):
+    """The full 2*R*C nodal analysis (positive resistances): (sparse matrix, input map, output map).
+
+    Unknowns: word-line nodes a_ij at i*C + j, bit-line nodes b_ij at R*C + i*C + j. The system
+    matrix M, a map B (v -> right-hand side) and a map O (node voltages -> column currents) give
+    I = O @ solve(M, B @ v). The slow, obviously-right reference for tests and benchmarks.
+    """
+    import scipy.sparse as sp
+
+    G = _check(G, r_wire, r_source, r_sink)
+    if min(r_wire, r_source, r_sink) <= 0:
+        raise ValueError("the nodal reference needs positive resistances")
+    rows, cols = G.shape
+    n = rows * cols
+    gw, gs, gk = 1.0 / r_wire, 1.0 / r_source, 1.0 / r_sink
+    a = np.arange(n).reshape(rows, cols)
+    b = a + n
+    entries_i, entries_j, values = [], [], []
+
+    def conductance(p, q, g):  # a two-terminal conductance between node arrays p and q
+        entries_i.extend([p, q, p, q])
+        entries_j.extend([p, q, q, p])
+        values.extend([g, g, -g, -g])
+
+    conductance(a[:, :-1].ravel(), a[:, 1:].ravel(), np.full(rows * (cols - 1), gw))
+    conductance(b[:-1, :].ravel(), b[1:, :].ravel(), np.full((rows - 1) * cols, gw))
+    conductance(a.ravel(), b.ravel(), G.ravel())
+    diagonal = np.zeros(2 * n)
+    diagonal[a[:, 0]] += gs
+    diagonal[b[-1, :]] += gk
+    i = np.concatenate([np.concatenate(entries_i), np.arange(2 * n)])
+    j = np.concatenate([np.concatenate(entries_j), np.arange(2 * n)])
+    v = np.concatenate([np.concatenate(values), diagonal])
+    matrix = sp.csc_matrix((v, (i, j)), shape=(2 * n, 2 * n))
+    inputs = sp.csc_matrix((np.full(rows, gs), (a[:, 0], np.arange(rows))), shape=(2 * n, rows))
+    outputs = sp.csr_matrix((np.full(cols, gk), (np.arange(cols), b[-1, :])), shape=(cols, 2 * n))
+    return matrix, inputs, outputs
+
+
+def effective_conductance_reference(G, r_wire: float, r_source: float, r_sink: float) -> np.ndarray:
+    """G_eff by a sparse direct (SuperLU) solve of the full nodal system: slow, for checking."""
+    from scipy.sparse.linalg import splu
+
+    matrix, inputs, outputs = nodal_system(G, r_wire, r_source, r_sink)
+    voltages = splu(matrix).solve(inputs.toarray())
+    return np.asarray(outputs @ voltages).T
