@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.version_converter
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 from google.protobuf.message import DecodeError
@@ -50,8 +51,16 @@ def load_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
     except (onnx.checker.ValidationError, ValueError) as exc:
         raise XCompileError(f"{where} is not a valid ONNX model: {_first_line(exc)}") from None
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-    if opset is None or opset < MIN_OPSET:
-        raise XCompileError(f"{where} uses ONNX opset {opset}; xcompile reads opset {MIN_OPSET} onward")
+    if opset is None:
+        raise XCompileError(f"{where} imports no default ONNX opset")
+    if opset < MIN_OPSET:  # older exporters: ONNX's own version converter brings them up
+        try:
+            model = onnx.version_converter.convert_version(model, MIN_OPSET)
+        except Exception as exc:  # the converter raises bare RuntimeErrors and C++ errors
+            raise XCompileError(
+                f"{where} uses ONNX opset {opset}; xcompile reads opset {MIN_OPSET} onward and "
+                f"ONNX's version converter could not upgrade it: {_first_line(exc)}"
+            ) from None
     try:
         onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
     except (onnx.shape_inference.InferenceError, ValueError) as exc:
@@ -64,7 +73,15 @@ def extract_layers(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Layer]
     model_ir = ir.serde.deserialize_model(model)
     common_passes.RemoveInitializersFromInputsPass()(model_ir)
     common_passes.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=0)(model_ir)
-    fold_constants(model_ir, onnx_shape_inference=True, input_size_limit=_NO_LIMIT, output_size_limit=_NO_LIMIT)
+    weight_makers = _weight_subgraph(model_ir.graph)
+    fold_constants(
+        model_ir,
+        onnx_shape_inference=True,
+        input_size_limit=_NO_LIMIT,
+        output_size_limit=_NO_LIMIT,
+        should_fold=lambda node: True if node in weight_makers else None,
+    )
+    _fold_with_onnxruntime(model_ir)
 
     graph = model_ir.graph
     layers: list[Layer] = []
@@ -85,6 +102,71 @@ def extract_layers(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Layer]
     runtime_graph = ir.serde.serialize_model(model_ir)
     digital = sorted({n.op_type for n in runtime_graph.graph.node if n.domain != CUSTOM_DOMAIN})
     return runtime_graph, layers, digital
+
+
+def _weight_subgraph(graph: ir.Graph) -> set:
+    """Nodes upstream of an MVM operand: folded even where the folder's defaults would not
+    (ConstantOfShape, DequantizeLinear), since a crossbar needs the weights as numbers."""
+    found: set = set()
+    stack = [v for node in graph if node.op_type in MVM_OPS and node.domain in ("", "ai.onnx") for v in node.inputs if v is not None]
+    while stack:
+        producer = stack.pop().producer()
+        if producer is not None and producer not in found:
+            found.add(producer)
+            stack.extend(v for v in producer.inputs if v is not None)
+    return found
+
+
+def _fold_with_onnxruntime(model_ir: ir.Model) -> None:
+    """Evaluate, with ONNX Runtime, weight subgraphs the folder left (ops ONNX's reference
+    evaluator lacks at the model's opset, e.g. DequantizeLinear-13), and make them initializers."""
+    graph = model_ir.graph
+    pending = [
+        v for node in graph if node.op_type in MVM_OPS and node.domain in ("", "ai.onnx")
+        for v in list(node.inputs)[1:] if v is not None and v.const_value is None and v.producer() is not None
+    ]
+    for value in pending:
+        nodes = _constant_producers(value)
+        if nodes is None:
+            continue
+        order = {node: i for i, node in enumerate(graph)}
+        proto_nodes = [ir.serde.serialize_node(n) for n in sorted(nodes, key=order.get)]
+        feeds = {v.name: v for n in nodes for v in n.inputs if v is not None and v.const_value is not None}
+        model = onnx.helper.make_model(
+            onnx.helper.make_graph(
+                proto_nodes, "fold", [], [onnx.helper.make_empty_tensor_value_info(value.name)],
+                [ir.serde.serialize_tensor(v.const_value) for v in feeds.values()],
+            ),
+            opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in model_ir.opset_imports.items()],
+        )
+        for init, name in zip(model.graph.initializer, feeds):
+            init.name = name
+        try:
+            import onnxruntime
+
+            result = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {})[0]
+        except Exception:  # left as it is: _build_layer then names the non-constant weight
+            continue
+        folded = ir.Value(name=f"{value.name}_folded", const_value=ir.tensor(result))
+        graph.register_initializer(folded)
+        ir.convenience.replace_all_uses_with(value, folded)
+
+
+def _constant_producers(value: ir.Value) -> set | None:
+    """The nodes computing `value` from constants only, or None if a graph input is reached."""
+    nodes: set = set()
+    stack = [value]
+    while stack:
+        current = stack.pop()
+        if current.const_value is not None and not current.is_graph_input():
+            continue
+        producer = current.producer()
+        if producer is None or current.is_graph_input():
+            return None
+        if producer not in nodes:
+            nodes.add(producer)
+            stack.extend(v for v in producer.inputs if v is not None)
+    return nodes
 
 
 def _build_layer(node: ir.Node, index: int, name: str):
