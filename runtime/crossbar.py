@@ -58,6 +58,7 @@ class ProgrammedLayer:
         self.input_range = 0.0
         if self.ideal:
             self.weights = effective_weights(layer)
+            self.weights32 = self.weights.astype(np.float32)
             return
         self.level_max = level_max
         self.adc_levels = float(2**hardware.adc_bits - 1)
@@ -93,15 +94,17 @@ class ProgrammedLayer:
     def forward(self, rows: np.ndarray, add_bias: bool = True) -> np.ndarray:
         y = self._collapsed(rows) if self.ideal else self._crossbar(rows)
         if add_bias and self.bias is not None:
-            y += self.bias
+            y += self.bias.astype(y.dtype, copy=False)
         return y
 
     def _collapsed(self, rows: np.ndarray) -> np.ndarray:
-        groups, kg, ng = self.weights.shape
-        x = np.asarray(rows, dtype=np.float64)
+        """One GEMM per group, in the input's precision (float32 like ONNX Runtime, or float64)."""
+        weights = self.weights32 if rows.dtype == np.float32 else self.weights
+        groups, kg, ng = weights.shape
+        x = rows if rows.dtype in (np.float32, np.float64) else rows.astype(np.float64)
         if groups == 1:
-            return x @ self.weights[0]
-        y = np.matmul(x.reshape(-1, groups, kg).transpose(1, 0, 2), self.weights)
+            return x @ weights[0]
+        y = np.matmul(x.reshape(-1, groups, kg).transpose(1, 0, 2), weights)
         return y.transpose(1, 0, 2).reshape(x.shape[0], groups * ng)
 
     def _crossbar(self, rows: np.ndarray) -> np.ndarray:

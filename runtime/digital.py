@@ -31,24 +31,35 @@ def conv_pads(in_shape, geometry) -> tuple[list[int], list[int]]:
 
 
 def im2col(x: np.ndarray, geometry) -> tuple[np.ndarray, tuple[int, ...]]:
-    """[B, C, *S] -> ([B * prod(O), C * prod(k)] patch rows, O): row order (c, k1, k2, ...)."""
-    rank = geometry["rank"]
+    """[B, C, *S] -> ([B * prod(O), C * prod(k)] patch rows, O).
+
+    Row order within a patch: group, kernel offset, channel of the group — the layer matrix's
+    row order (xcompile/frontend.py). The input goes channels-last first, so every gather copies
+    a run of channels.
+    """
+    rank, group = geometry["rank"], geometry["group"]
     kernel, strides, dilations = geometry["kernel"], geometry["strides"], geometry["dilations"]
     begin, end = conv_pads(x.shape[2:], geometry)
+    x = np.moveaxis(x, 1, -1)  # [B, *S, C]
     if any(begin) or any(end):
-        x = np.pad(x, [(0, 0), (0, 0)] + list(zip(begin, end)))
+        x = np.pad(x, [(0, 0)] + list(zip(begin, end)) + [(0, 0)])
     spans = [d * (k - 1) + 1 for k, d in zip(kernel, dilations)]
-    if any(size < span for size, span in zip(x.shape[2:], spans)):
-        raise ValueError(f"padded input {list(x.shape[2:])} is smaller than the kernel's span {spans}")
-    windows = sliding_window_view(x, spans, axis=tuple(range(2, 2 + rank)))
-    index = (slice(None), slice(None)) + tuple(slice(None, None, s) for s in strides) + tuple(
+    if any(size < span for size, span in zip(x.shape[1:-1], spans)):
+        raise ValueError(f"padded input {list(x.shape[1:-1])} is smaller than the kernel's span {spans}")
+    windows = sliding_window_view(x, spans, axis=tuple(range(1, 1 + rank)))  # [B, *O', C, *span]
+    index = (slice(None),) + tuple(slice(None, None, s) for s in strides) + (slice(None),) + tuple(
         slice(None, None, d) for d in dilations
     )
-    windows = windows[index]  # [B, C, *O, *k]
-    out_shape = windows.shape[2 : 2 + rank]
-    order = (0,) + tuple(range(2, 2 + rank)) + (1,) + tuple(range(2 + rank, 2 + 2 * rank))
-    patches = windows.transpose(order).reshape(x.shape[0] * math.prod(out_shape), -1)
-    return patches, tuple(out_shape)
+    windows = windows[index]  # [B, *O, C, *k]
+    out_shape = windows.shape[1 : 1 + rank]
+    channels = windows.shape[1 + rank]
+    order = tuple(range(1 + rank)) + tuple(range(2 + rank, 2 + 2 * rank)) + (1 + rank,)
+    patches = windows.transpose(order)  # [B, *O, *k, C]
+    positions = x.shape[0] * math.prod(out_shape)
+    if group == 1:
+        return patches.reshape(positions, -1), tuple(out_shape)
+    patches = patches.reshape(positions, math.prod(kernel), group, channels // group)
+    return patches.transpose(0, 2, 1, 3).reshape(positions, -1), tuple(out_shape)
 
 
 def conv_output(y: np.ndarray, batch: int, out_shape) -> np.ndarray:

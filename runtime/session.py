@@ -228,6 +228,8 @@ class _Segment:
         model.functions.extend(self._model.functions)
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        # ORT's pool would otherwise spin after each segment and fight the crossbar kernels' cores
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
     def _input_info(self, name: str, value) -> onnx.ValueInfoProto:

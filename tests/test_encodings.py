@@ -62,7 +62,8 @@ def _with_weights(onnx_model, mapping):
         q = layer.weight_q.astype(np.float32) * np.float32(layer.scale)
         groups = q.shape[0]
         if node.op_type == "Conv":
-            value = q.transpose(0, 2, 1).reshape(original.shape)
+            kprod = int(np.prod(original.shape[2:]))
+            value = q.reshape(groups, kprod, original.shape[1], -1).transpose(0, 3, 2, 1).reshape(original.shape)
         elif node.op_type == "ConvTranspose":
             value = q.reshape(original.shape)
         else:

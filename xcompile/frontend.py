@@ -262,7 +262,9 @@ def _conv_layer(node, where, weight, bias, x_shape):
         cout, cin_g = weight.shape[:2]
         if group < 1 or cout % group:
             raise XCompileError(f"{where}: group={group} must divide the {cout} output channels")
-        matrix = weight.reshape(group, cout // group, cin_g * kprod).transpose(0, 2, 1)
+        # rows in (kernel offset, channel) order within each group: im2col then gathers whole
+        # channel runs of a channels-last input (runtime/digital.py)
+        matrix = weight.reshape(group, cout // group, cin_g, kprod).transpose(0, 3, 2, 1).reshape(group, kprod * cin_g, cout // group)
         channels_in = cin_g * group
     else:
         cin, cout_g = weight.shape[:2]

@@ -1,0 +1,59 @@
+"""What running inside the partitioned executor costs, on the shipped digits CNN at batch 256.
+
+Side by side in one run: ONNX Runtime on the original model; xcompile's Session in ideal mode
+(every MVM collapsed to one GEMM: the executor's own overhead); the default quantised mapping.
+Overhead per MVM node = (Session - ORT) / MVM nodes.
+
+    python benchmarks/bench_runtime_overhead.py
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+import xcompile
+
+ROOT = Path(__file__).resolve().parent.parent
+BATCH = 256
+
+
+def median_time(fn, repeats=200) -> float:
+    for _ in range(10):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def main() -> None:
+    path = ROOT / "models" / "digits_cnn.onnx"
+    x = np.load(ROOT / "xcompile" / "data" / "digits_test.npz")["x"][:BATCH]
+    reference = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ideal = xcompile.Session(xcompile.compile_model(path, ideal=True, progress=False))
+    quantised = xcompile.Session(xcompile.compile_model(path, progress=False))
+    steps = ideal._steps
+    mvm = sum(type(s).__name__ == "_Mvm" for s in steps)
+    segments = len(steps) - mvm
+
+    t_ort = median_time(lambda: reference.run(None, {"input": x}))
+    t_ideal = median_time(lambda: ideal.run(None, {"input": x}))
+    t_quant = median_time(lambda: quantised.run(None, {"input": x}))
+
+    print(f"digits CNN, batch {BATCH}: {mvm} MVM nodes (crossbar runtime), {segments} ONNX Runtime segments")
+    print(f"{'':<42} {'ms/batch':>9} {'ratio':>6}")
+    print(f"{'ONNX Runtime, original model':<42} {t_ort * 1e3:>9.3f} {1:>6.2f}")
+    print(f"{'xcompile Session, ideal (collapsed GEMMs)':<42} {t_ideal * 1e3:>9.3f} {t_ideal / t_ort:>6.2f}")
+    print(f"{'xcompile Session, 8-bit quantised':<42} {t_quant * 1e3:>9.3f} {t_quant / t_ort:>6.2f}")
+    print(f"overhead per MVM node: {(t_ideal - t_ort) / mvm * 1e6:.0f} us "
+          f"({(t_ideal - t_ort) / mvm / BATCH * 1e9:.0f} ns per sample and node)")
+
+
+if __name__ == "__main__":
+    main()
