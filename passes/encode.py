@@ -23,6 +23,7 @@ import math
 
 import numpy as np
 
+from xcompile.errors import XCompileError
 from xcompile.ir import Encoding, Layer, PassResult, Program, frozen_array
 
 NAME = "encode"
@@ -135,16 +136,20 @@ def _fit_acm(layer: Layer, top: int, per_tile: int, fit: str, ideal: bool) -> La
     if span <= top:
         return layer
     if fit == "scale":
-        scaled = layer
-        factor = span / top
-        for _ in range(20):  # rounding can push a row over again: widen the step until all fit
-            scaled = _requantise(layer, max(1, int(np.abs(layer.weight).max() / (layer.scale * factor))), ideal)
+        largest = float(np.abs(layer.weight).max())
+        limit = int(largest / (layer.scale * span / top))
+        while limit >= 1:  # rounding can push a row over again: widen the step until all fit
+            scaled = _requantise(layer, limit, ideal)
             check = scaled.weight_q if not ideal else scaled.weight / np.float32(scaled.scale)
             if _acm_span(scaled, check, per_tile) <= top:
-                break
-            factor *= 1.05
-        notes = {**layer.notes, "acm_rescaled_by": round(scaled.scale / layer.scale, 6)}
-        return dataclasses.replace(scaled, notes=notes)
+                notes = {**layer.notes, "acm_rescaled_by": round(scaled.scale / layer.scale, 6)}
+                return dataclasses.replace(scaled, notes=notes)
+            limit = min(limit - 1, int(limit / 1.05))
+        raise XCompileError(
+            f"layer '{layer.name}': ACM cannot hold its rows' suffix sums in {top + 1} cell levels even with "
+            f"one level per weight step ({per_tile} outputs per tile); use more weight bits, fewer columns "
+            "per crossbar, or acm_fit='clip'"
+        )
     clipped, squared, count = 0, 0.0, 0
     for c0 in range(0, layer.outputs, per_tile):
         block = layer.block((0, layer.rows_in), (c0, min(c0 + per_tile, layer.outputs)), signed).astype(np.float64)

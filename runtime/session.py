@@ -22,7 +22,7 @@ from onnx import helper, numpy_helper
 from xcompile.config import Hardware, hardware_from
 from xcompile.errors import XCompileError
 from xcompile.ir import CUSTOM_DOMAIN, MVM_OP, Layer, Program
-from xcompile.runtime import digital
+from xcompile.runtime import devices, digital
 from xcompile.runtime.crossbar import ProgrammedLayer
 
 
@@ -81,6 +81,26 @@ class Session:
             for layer in programmed:
                 layer.finish_calibration()
         self._calibrated = True
+
+    def read_energy(self, feeds: dict[str, Any]) -> dict[str, float]:
+        """Read-energy proxy per layer: sum over reads of G V^2 (W per read time), per sample.
+
+        Every input vector the feeds send through a layer drives its tiles' rows with the DAC
+        voltages v (|x| / max|x| V_read, both signs) against the programmed target conductances.
+        """
+        recorded: dict[int, list[np.ndarray]] = {}
+        for runner in self._layers.values():
+            runner.recorder = recorded.setdefault(runner.layer.index, []).append
+        try:
+            self._execute(None, feeds)
+        finally:
+            for runner in self._layers.values():
+                runner.recorder = None
+        samples = next(iter(np.asarray(v).shape[0] for v in feeds.values()), 1) or 1
+        return {
+            runner.layer.name: float(sum(_read_energy(runner.layer, self.hardware, self.program.options, rows) for rows in recorded[index])) / samples
+            for index, runner in self._layers.items()
+        }
 
     @property
     def adc_clipped(self) -> int:
@@ -164,6 +184,7 @@ class _LayerRunner:
     def __init__(self, layer: Layer, crossbar: ProgrammedLayer):
         self.layer = layer
         self.crossbar = crossbar
+        self.recorder = None  # called with every batch of input vectors (read_energy)
 
     def run(self, x) -> np.ndarray:
         layer, geometry = self.layer, self.layer.geometry
@@ -171,17 +192,40 @@ class _LayerRunner:
         dtype = x.dtype if np.issubdtype(x.dtype, np.floating) else np.float32
         if layer.kind == "dense":
             rows, info = digital.dense_input(x, geometry)
+            self._record(rows)
             y = digital.dense_output(self.crossbar.forward(rows), info, geometry)
         elif layer.kind == "conv":
             rows, out_shape = digital.im2col(x, geometry)
+            self._record(rows)
             y = digital.conv_output(self.crossbar.forward(rows), x.shape[0], out_shape)
         else:
             rows = np.moveaxis(x, 1, -1).reshape(-1, x.shape[1])
+            self._record(rows)
             cols = self.crossbar.forward(rows, add_bias=False)
             y = digital.col2im(cols, x.shape[0], x.shape[2:], geometry, geometry["channels_out"])
             if layer.bias is not None:
                 y = y + layer.bias.reshape((1, -1) + (1,) * geometry["rank"])
         return np.ascontiguousarray(y, dtype=dtype)
+
+
+    def _record(self, rows: np.ndarray) -> None:
+        if self.recorder is not None:
+            self.recorder(rows)
+
+
+def _read_energy(layer: Layer, hw: Hardware, options, rows: np.ndarray) -> float:
+    """sum_p sum_i v_pi^2 sum_j G_ij over the layer's tiles (target conductances, ideal DAC)."""
+    x = np.asarray(rows, dtype=np.float64)
+    scale = np.abs(x).max(axis=1, keepdims=True)
+    v_squared = np.square(np.divide(np.abs(x), scale, out=np.zeros_like(x), where=scale > 0) * hw.v_read)
+    level_max = float(2 ** (options.weight_bits if options.ideal else options.cell_bits) - 1)
+    tiling, enc = layer.tiling, layer.encoding
+    total = 0.0
+    for i in range(tiling.count):
+        (r0, r1), (c0, c1) = tiling.row_range[i], tiling.out_range[i]
+        g = devices.level_conductance(layer.levels[i, : r1 - r0, : enc.columns_used(int(c1 - c0))], level_max, hw)
+        total += float(v_squared[:, r0:r1].sum(axis=0) @ g.sum(axis=1))
+    return total
 
 
 @dataclass

@@ -119,3 +119,47 @@ def test_acm_clip_reports_what_it_clipped_and_scale_does_not_clip():
 def test_bad_encoding_options_are_named(options, message):
     with pytest.raises(xcompile.XCompileError, match=message):
         xcompile.compile_model(small_cnn(), progress=False, **options)
+
+
+@pytest.mark.parametrize("encoding", ["dual", "acm", "offset"])
+@pytest.mark.parametrize("input_mode", ["analog", "bit_serial"])
+def test_every_encoding_with_slicing_runs_on_the_converter_path(encoding, input_mode):
+    """The per-tile path (ADC per slice column, shift-and-add, bit-serial inputs) with fine
+    converters agrees with the exact quantised model."""
+    onnx_model = _grouped_and_transposed()
+    mapping = xcompile.compile_model(onnx_model, progress=False, encoding=encoding, weight_bits=6, cell_bits=2, rows=24, cols=16)
+    x = np.random.default_rng(4).normal(size=(6, 8, 5, 5)).astype(np.float32)
+    exact = xcompile.Session(mapping).run(None, {"x": x})[0]
+    fine = xcompile.Session(mapping, dac_bits=20, adc_bits=22, input_mode=input_mode, calibration={"x": x}).run(None, {"x": x})[0]
+    assert np.abs(fine - exact).max() <= 1e-4 * np.abs(exact).max()
+
+
+def test_inspect_counts_columns_and_adc_conversions_per_inference():
+    onnx_model = small_cnn()  # conv: 6 outputs at 10 x 10 positions; fc: 5 outputs, one vector
+    info = xcompile.compile_model(onnx_model, progress=False, encoding="dual", weight_bits=8, cell_bits=4).summary()
+    conv, fc = info["layers"]
+    assert conv["columns"] == 6 * 2 * 2  # two slices of both polarities per output
+    assert conv["vectors_per_sample"] == 100 and fc["vectors_per_sample"] == 1
+    assert conv["adc_conversions_per_inference"] == 24 * 100
+    assert fc["adc_conversions_per_inference"] == 2 * 5 * 2 * 2  # two row blocks of 128
+    assert info["totals"]["adc_conversions_per_inference"] == 2400 + 40
+
+
+def test_read_energy_follows_the_conductances():
+    onnx_model = small_cnn()
+    x = np.random.default_rng(0).normal(size=(16, 3, 10, 10)).astype(np.float32)
+    energies = {}
+    for encoding in ("dual", "acm", "offset"):
+        mapping = xcompile.compile_model(onnx_model, progress=False, encoding=encoding)
+        energies[encoding] = sum(xcompile.Session(mapping).read_energy({"x": x}).values())
+    # offset keeps every cell at or above half the window: the most read power
+    assert energies["offset"] > energies["dual"] and energies["offset"] > energies["acm"]
+    low = xcompile.compile_model(onnx_model, progress=False, g_on=1e-4, g_off=1e-6)
+    assert sum(xcompile.Session(low).read_energy({"x": x}).values()) < energies["dual"] / 5
+
+
+def test_acm_that_cannot_fit_even_after_scaling_is_an_error():
+    from builders import dense
+
+    with pytest.raises(xcompile.XCompileError, match="ACM cannot hold"):
+        xcompile.compile_model(dense(8, 120, seed=1), progress=False, encoding="acm", weight_bits=1, cell_bits=1)

@@ -84,6 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("mapping", help="mapping file")
     p.add_argument("--json", action="store_true", help="print the summary as JSON (keys: docs/inspect.md)")
     p.add_argument("--graph", metavar="FILE", help="write the placement graph (.graphml, .dot, .gv or .json)")
+    p.add_argument("--calibration", metavar="DATA", help="'digits' or an .npz with x: adds the read-energy proxy per layer")
     p.set_defaults(handler=_inspect)
 
     p = sub.add_parser("run", help="run a mapping on inputs from .npy files")
@@ -163,6 +164,17 @@ def _inspect(args) -> int:
 
     mapping = load(args.mapping)
     info = mapping.summary()
+    if args.calibration:
+        from xcompile.evaluate import load_dataset
+        from xcompile.runtime.session import Session
+
+        x, _, _ = load_dataset(args.calibration)
+        session = Session(mapping)
+        name = session.get_inputs()[0].name
+        energy = session.read_energy({name: x[:256]})
+        for layer in info["layers"]:
+            layer["read_energy"] = energy[layer["name"]]
+        info["totals"]["read_energy"] = sum(energy.values())
     if args.graph:
         write_graph(mapping.program, args.graph)
     print(json.dumps(info, indent=2) if args.json else format_summary(info))

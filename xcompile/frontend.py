@@ -294,7 +294,25 @@ def _layer(index, name, node, kind, geometry, matrix, bias, x) -> Layer:
         bias=frozen_array(bias, np.float32),
         input_name=_vname(x),
         output_name=node.outputs[0].name or "",
+        notes={"vectors_per_sample": _vectors_per_sample(kind, geometry, _static_shape(x), _static_shape(node.outputs[0]))},
     )
+
+
+def _vectors_per_sample(kind, geometry, x_shape, y_shape) -> int | None:
+    """Input vectors one sample (batch item) sends through the layer, when shapes say so."""
+    if kind == "conv":
+        dims = None if y_shape is None else y_shape[2:]
+    elif kind == "conv_transpose":
+        dims = None if x_shape is None else x_shape[2:]
+    elif x_shape is None or geometry["transpose_input"]:
+        dims = None
+    elif geometry["weight_left"]:
+        dims = x_shape[1:-2] + x_shape[-1:] if len(x_shape) > 1 else []
+    else:
+        dims = x_shape[1:-1]
+    if dims is None or any(d is None for d in dims):
+        return None
+    return int(np.prod(dims, dtype=np.int64))
 
 
 def _replace_with_mvm(graph: ir.Graph, node: ir.Node, layer: Layer, digital_bias) -> None:

@@ -25,8 +25,11 @@ def summary(program: Program) -> dict[str, Any]:
         tiling, enc = layer.tiling, layer.encoding
         rows_used = tiling.row_range[:, 1] - tiling.row_range[:, 0]
         outs = tiling.out_range[:, 1] - tiling.out_range[:, 0]
-        cells_used = int((rows_used * (outs * enc.columns_per_output + enc.shared_columns)).sum())
+        columns = outs * enc.columns_per_output + enc.shared_columns
+        cells_used = int((rows_used * columns).sum())
         cells_total = int(tiling.count * cells_per_crossbar)
+        per_vector = int(columns.sum()) * _reads_per_vector(hw)
+        vectors = layer.notes.get("vectors_per_sample")
         layers.append(
             {
                 "name": layer.name,
@@ -38,11 +41,16 @@ def summary(program: Program) -> dict[str, Any]:
                 "weights": int(layer.weight.size),
                 "tiles": tiling.count,
                 "crossbars": int(len(set(tiling.crossbar.tolist()))),
+                "columns": int(columns.sum()),
                 "cells_used": cells_used,
                 "cells_total": cells_total,
                 "utilisation": round(cells_used / cells_total, 6) if cells_total else 0.0,
                 "encoding": enc.name,
                 "scale": layer.scale,
+                "adc_conversions_per_vector": per_vector,
+                "vectors_per_sample": vectors,
+                "adc_conversions_per_inference": None if vectors is None else per_vector * vectors,
+                "notes": {k: v for k, v in layer.notes.items() if k != "vectors_per_sample"},
             }
         )
     crossbars = set()
@@ -63,9 +71,18 @@ def summary(program: Program) -> dict[str, Any]:
             "cells_used": used,
             "cells_total": total,
             "utilisation": round(used / total, 6) if total else 0.0,
+            "columns": sum(l["columns"] for l in layers),
+            "adc_conversions_per_inference": None
+            if any(l["adc_conversions_per_inference"] is None for l in layers)
+            else sum(l["adc_conversions_per_inference"] for l in layers),
         },
         "digital_ops": list(program.digital_nodes),
     }
+
+
+def _reads_per_vector(hw) -> int:
+    """Array reads (so ADC conversions per column) one non-negative input vector takes."""
+    return hw.dac_bits if hw.input_mode == "bit_serial" else 1
 
 
 def format_summary(info: dict[str, Any]) -> str:
@@ -77,18 +94,29 @@ def format_summary(info: dict[str, Any]) -> str:
         f"mapping:  {mode}, {opts['encoding']} encoding",
         "",
     ]
-    header = f"{'layer':<28} {'op':<13} {'rows x outputs':>15} {'grp':>4} {'tiles':>6} {'xbars':>6} {'cells used':>12} {'util':>7}"
+    header = (
+        f"{'layer':<28} {'op':<13} {'rows x outputs':>15} {'grp':>4} {'tiles':>6} {'xbars':>6} {'columns':>8} "
+        f"{'cells used':>12} {'util':>7} {'ADC conv/inference':>19}"
+    )
     lines += [header, "-" * len(header)]
     for l in info["layers"]:
         shape = f"{l['rows']} x {l['outputs']}"
+        conversions = "?" if l["adc_conversions_per_inference"] is None else f"{l['adc_conversions_per_inference']:,}"
         lines.append(
             f"{l['name'][:28]:<28} {l['op_type']:<13} {shape:>15} {l['groups']:>4} {l['tiles']:>6} {l['crossbars']:>6} "
-            f"{l['cells_used']:>12,} {l['utilisation']:>7.1%}"
+            f"{l['columns']:>8,} {l['cells_used']:>12,} {l['utilisation']:>7.1%} {conversions:>19}"
         )
     t = info["totals"]
     lines += [
         "-" * len(header),
-        f"{'total':<28} {t['layers']:<13} {t['weights']:>15,} {'':>4} {t['tiles']:>6} {t['crossbars']:>6} {t['cells_used']:>12,} {t['utilisation']:>7.1%}",
+        f"{'total':<28} {t['layers']:<13} {t['weights']:>15,} {'':>4} {t['tiles']:>6} {t['crossbars']:>6} {t['columns']:>8,} "
+        f"{t['cells_used']:>12,} {t['utilisation']:>7.1%} "
+        f"{'?' if t['adc_conversions_per_inference'] is None else format(t['adc_conversions_per_inference'], ','):>19}",
+        *(
+            [f"read-energy proxy (sum of G V^2 per inference, W x read time): {t['read_energy']:.4g}"]
+            if "read_energy" in t
+            else []
+        ),
         "",
         f"digital (ONNX Runtime): {', '.join(info['digital_ops']) or 'nothing'}",
         "passes: " + " -> ".join(p["name"] for p in info["passes"]),
