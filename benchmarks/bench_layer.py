@@ -10,27 +10,16 @@ figure (two passes) is printed too. Target: crossbar layer <= 1.5x the baseline.
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 import xcompile
+from timing import median_time
 
 K = N = 512
 BATCH = 1024
-
-
-def best_of(fn, repeats=15) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
 
 
 def matmul_model(k: int, n: int, weight: np.ndarray) -> onnx.ModelProto:
@@ -52,16 +41,16 @@ def main() -> None:
 
     cells = rng.normal(size=(K, 2 * N)).astype(np.float32)
     baseline = ort.InferenceSession(matmul_model(K, 2 * N, cells).SerializeToString(), providers=["CPUExecutionProvider"])
-    t_ort = best_of(lambda: baseline.run(None, {"x": x}))
+    t_ort = median_time(lambda: baseline.run(None, {"x": x}))
 
     mapping = xcompile.compile_model(matmul_model(K, N, weight), progress=False)
     session = xcompile.Session(
         mapping, dac_bits=8, adc_bits=8, variation="lognormal", sigma=0.05, calibration={"x": x}, seed=0
     )
-    t_xbar = best_of(lambda: session.run(None, {"x": x}))
-    t_signed = best_of(lambda: session.run(None, {"x": x_signed}))
+    t_xbar = median_time(lambda: session.run(None, {"x": x}))
+    t_signed = median_time(lambda: session.run(None, {"x": x_signed}))
     ideal = xcompile.Session(xcompile.compile_model(matmul_model(K, N, weight), ideal=True, progress=False))
-    t_ideal = best_of(lambda: ideal.run(None, {"x": x}))
+    t_ideal = median_time(lambda: ideal.run(None, {"x": x}))
 
     print(f"layer {K}x{N}, batch {BATCH}; baseline: ORT MatMul [{BATCH},{K}] @ [{K},{2 * N}] (the dual array's cell columns)")
     print(f"{'what':<44} {'ms':>9} {'ratio':>7}")

@@ -10,27 +10,16 @@ executor's own cost; the CNN adds the im2col that forms crossbar input vectors f
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
 import xcompile
+from timing import median_time
 
 ROOT = Path(__file__).resolve().parent.parent
 BATCH = 256
-
-
-def median_time(fn, repeats=200) -> float:
-    for _ in range(10):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
 
 
 def main() -> None:
@@ -48,9 +37,9 @@ def measure(name: str, x: np.ndarray) -> None:
     mvm = sum(type(s).__name__ == "_Mvm" for s in steps)
     segments = len(steps) - mvm
 
-    t_ort = median_time(lambda: reference.run(None, {"input": x}))
-    t_ideal = median_time(lambda: ideal.run(None, {"input": x}))
-    t_quant = median_time(lambda: quantised.run(None, {"input": x}))
+    t_ort = median_time(lambda: reference.run(None, {"input": x}), repeats=200, warmup=10)
+    t_ideal = median_time(lambda: ideal.run(None, {"input": x}), repeats=200, warmup=10)
+    t_quant = median_time(lambda: quantised.run(None, {"input": x}), repeats=200, warmup=10)
 
     print(f"{name}, batch {BATCH}: {mvm} MVM nodes (crossbar runtime), {segments} ONNX Runtime segments")
     print(f"{'':<42} {'ms/batch':>9} {'ratio':>6}")

@@ -94,7 +94,8 @@ def test_acm_uses_n_plus_one_columns_and_dual_two_n():
 
 def test_acm_clip_reports_what_it_clipped_and_scale_does_not_clip():
     onnx_model = small_cnn()
-    clipped = xcompile.compile_model(onnx_model, progress=False, encoding="acm", acm_fit="clip")
+    with pytest.warns(UserWarning, match="ACM clipped"):
+        clipped = xcompile.compile_model(onnx_model, progress=False, encoding="acm", acm_fit="clip")
     scaled = xcompile.compile_model(onnx_model, progress=False, encoding="acm", acm_fit="scale")
     notes = clipped.layers[1].notes
     assert notes["acm_clipped_cells"] > 0 and notes["acm_weight_rmse"] > 0

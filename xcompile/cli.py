@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    warnings.showwarning = _show_warning
     try:
         return args.handler(args)
     except XCompileError as exc:
@@ -56,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("xcompile: interrupted", file=sys.stderr)
         return 130
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"xcompile: warning: {message}", file=sys.stderr)
 
 
 def _parser() -> argparse.ArgumentParser:

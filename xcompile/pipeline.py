@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+import warnings
 from typing import Any
 
 import onnx
@@ -47,6 +48,13 @@ def compile_model(source: str | os.PathLike | onnx.ModelProto, *, progress: bool
                 seconds=round(time.perf_counter() - started, 6),
             )
             program = dataclasses.replace(result.program, history=program.history + (record,))
+    for layer in program.layers:
+        if layer.notes.get("acm_clipped_cells"):
+            warnings.warn(
+                f"layer '{layer.name}': ACM clipped {layer.notes['acm_clipped_cells']} cells whose suffix sums overflow the "
+                f"cell range (weight RMSE {layer.notes['acm_weight_rmse']:.3g}); acm_fit='scale' avoids it",
+                stacklevel=2,
+            )
     return Mapping(program)
 
 
