@@ -20,7 +20,8 @@ from builders import model, small_cnn, tensor
 SUMMARY_KEYS = {"hardware", "options", "passes", "layers", "totals", "digital_ops"}
 LAYER_KEYS = {
     "name", "op_type", "kind", "rows", "outputs", "groups", "weights", "tiles", "crossbars",
-    "cells_used", "cells_total", "utilisation", "encoding", "scale",
+    "cells_used", "cells_total", "utilisation", "encoding", "scale", "columns",
+    "adc_conversions_per_vector", "vectors_per_sample", "adc_conversions_per_inference", "notes",
 }
 
 
@@ -64,6 +65,15 @@ def test_inspect_json_has_the_documented_keys_and_consistent_totals(compiled, ca
     fc = info["layers"][1]
     assert fc["rows"] == 150 and fc["tiles"] == 2  # 150 rows -> two row blocks of 128
     assert "Relu" in info["digital_ops"] and "MaxPool" in info["digital_ops"]
+    assert "read_energy" not in info["totals"]
+
+
+def test_inspect_with_calibration_adds_read_energy(compiled, tmp_path, capsys):
+    np.savez(tmp_path / "calib.npz", x=np.random.default_rng(0).normal(size=(8, 3, 10, 10)).astype(np.float32))
+    assert main(["inspect", str(compiled), "--json", "--calibration", str(tmp_path / "calib.npz")]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["totals"]["read_energy"] == pytest.approx(sum(layer["read_energy"] for layer in info["layers"]))
+    assert all(layer["read_energy"] > 0 for layer in info["layers"])
 
 
 @pytest.mark.parametrize("suffix", [".graphml", ".dot", ".json"])
