@@ -90,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("mapping", help="mapping file")
     p.add_argument("--json", action="store_true", help="print the summary as JSON (keys: docs/inspect.md)")
     p.add_argument("--graph", metavar="FILE", help="write the placement graph (.graphml, .dot, .gv or .json)")
-    p.add_argument("--calibration", metavar="DATA", help="'digits' or an .npz with x: adds the read-energy proxy per layer")
+    p.add_argument("--calibration", metavar="DATA", help="'digits' (its calibration split) or an .npz with x: adds the read-energy proxy per layer")
     p.set_defaults(handler=_inspect)
 
     p = sub.add_parser("run", help="run a mapping on inputs from .npy files")
@@ -171,10 +171,10 @@ def _inspect(args) -> int:
     mapping = load(args.mapping)
     info = mapping.summary()
     if args.calibration:
-        from xcompile.evaluate import load_dataset
+        from xcompile.evaluate import BUILTIN_DATASETS, load_dataset
         from xcompile.runtime.session import Session
 
-        x, _, _ = load_dataset(args.calibration)
+        x = load_dataset(args.calibration)[2] if args.calibration in BUILTIN_DATASETS else _load_npz_x(args.calibration)
         session = Session(mapping)
         name = session.get_inputs()[0].name
         energy = session.read_energy({name: x[:256]})
