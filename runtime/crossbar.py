@@ -245,6 +245,21 @@ def effective_weights(layer: Layer) -> np.ndarray:
     return target * layer.scale
 
 
+def read_energy(layer: Layer, hw: Hardware, options, rows: np.ndarray) -> float:
+    """sum_p sum_i v_pi^2 sum_j G_ij over the layer's tiles (target conductances, ideal DAC)."""
+    x = np.asarray(rows, dtype=np.float64)
+    scale = np.abs(x).max(axis=1, keepdims=True)
+    v_squared = np.square(np.divide(np.abs(x), scale, out=np.zeros_like(x), where=scale > 0) * hw.v_read)
+    level_max = float(2 ** (options.weight_bits if options.ideal else options.cell_bits) - 1)
+    tiling, enc = layer.tiling, layer.encoding
+    total = 0.0
+    for i in range(tiling.count):
+        (r0, r1), (c0, c1) = tiling.row_range[i], tiling.out_range[i]
+        g = devices.level_conductance(layer.levels[i, : r1 - r0, : enc.columns_used(int(c1 - c0))], level_max, hw)
+        total += float(v_squared[:, r0:r1].sum(axis=0) @ g.sum(axis=1))
+    return total
+
+
 def _chunks(rows: int, smallest: int = 64) -> list[slice]:
     """Batch slices for the worker threads: one per core, none smaller than `smallest` rows."""
     count = max(1, min(os.cpu_count() or 1, rows // smallest))

@@ -22,8 +22,8 @@ from onnx import helper, numpy_helper
 from xcompile.config import Hardware, hardware_from
 from xcompile.errors import XCompileError
 from xcompile.ir import CUSTOM_DOMAIN, MVM_OP, Layer, Program
-from xcompile.runtime import devices, digital
-from xcompile.runtime.crossbar import ProgrammedLayer
+from xcompile.runtime import digital
+from xcompile.runtime.crossbar import ProgrammedLayer, read_energy
 
 
 @dataclass(frozen=True)
@@ -98,7 +98,7 @@ class Session:
                 runner.recorder = None
         samples = next(iter(np.asarray(v).shape[0] for v in feeds.values()), 1) or 1
         return {
-            runner.layer.name: float(sum(_read_energy(runner.layer, self.hardware, self.program.options, rows) for rows in recorded[index])) / samples
+            runner.layer.name: float(sum(read_energy(runner.layer, self.hardware, self.program.options, rows) for rows in recorded[index])) / samples
             for index, runner in self._layers.items()
         }
 
@@ -211,21 +211,6 @@ class _LayerRunner:
     def _record(self, rows: np.ndarray) -> None:
         if self.recorder is not None:
             self.recorder(rows)
-
-
-def _read_energy(layer: Layer, hw: Hardware, options, rows: np.ndarray) -> float:
-    """sum_p sum_i v_pi^2 sum_j G_ij over the layer's tiles (target conductances, ideal DAC)."""
-    x = np.asarray(rows, dtype=np.float64)
-    scale = np.abs(x).max(axis=1, keepdims=True)
-    v_squared = np.square(np.divide(np.abs(x), scale, out=np.zeros_like(x), where=scale > 0) * hw.v_read)
-    level_max = float(2 ** (options.weight_bits if options.ideal else options.cell_bits) - 1)
-    tiling, enc = layer.tiling, layer.encoding
-    total = 0.0
-    for i in range(tiling.count):
-        (r0, r1), (c0, c1) = tiling.row_range[i], tiling.out_range[i]
-        g = devices.level_conductance(layer.levels[i, : r1 - r0, : enc.columns_used(int(c1 - c0))], level_max, hw)
-        total += float(v_squared[:, r0:r1].sum(axis=0) @ g.sum(axis=1))
-    return total
 
 
 @dataclass
