@@ -48,7 +48,7 @@ class _RowBlock:
 class ProgrammedLayer:
     """What the runtime executes for one layer: rows [P, K] -> outputs [P, N] (bias added)."""
 
-    def __init__(self, layer: Layer, hardware: Hardware, cell_bits: int, level_max: float, seed: int = 0):
+    def __init__(self, layer: Layer, hardware: Hardware, level_max: float, seed: int = 0):
         self.layer, self.hw = layer, hardware
         self.bias = None if layer.bias is None else layer.bias.astype(np.float64)
         self.ideal = hardware.ideal
@@ -260,11 +260,10 @@ def read_energy(layer: Layer, hw: Hardware, options, rows: np.ndarray) -> float:
     return total
 
 
-def _chunks(rows: int, smallest: int = 64) -> list[slice]:
-    """Batch slices for the worker threads: one per core, none smaller than `smallest` rows."""
-    count = max(1, min(os.cpu_count() or 1, rows // smallest))
-    edges = np.linspace(0, rows, count + 1).astype(int)
-    return [slice(a, b) for a, b in zip(edges[:-1], edges[1:])]
+def _chunks(rows: int, size: int = 256) -> list[slice]:
+    """Batch slices for the worker threads, of a fixed size so that results (and read-noise
+    draws, one generator per chunk) do not depend on how many cores the machine has."""
+    return [slice(start, min(start + size, rows)) for start in range(0, rows, size)]
 
 
 @functools.cache

@@ -60,7 +60,7 @@ class Session:
         opts = program.options
         level_max = float(2 ** (opts.weight_bits if opts.ideal else opts.cell_bits) - 1)
         self._layers = {
-            layer.index: _LayerRunner(layer, ProgrammedLayer(layer, self.hardware, opts.cell_bits, level_max, self.seed))
+            layer.index: _LayerRunner(layer, ProgrammedLayer(layer, self.hardware, level_max, self.seed))
             for layer in program.layers
         }
         self._steps = _partition(program.graph)
