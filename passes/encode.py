@@ -38,8 +38,7 @@ _LOGICAL = {
 
 def run(program: Program, progress=None) -> PassResult:
     opts, hw = program.options, program.hardware
-    slices = 1 if opts.ideal else math.ceil(opts.weight_bits / opts.cell_bits)
-    encoding = make_encoding(opts.encoding, slices, opts.cell_bits)
+    encoding = encoding_for(opts)
     top = 2**opts.weight_bits - 1
     layers = []
     for layer in program.layers:
@@ -52,6 +51,12 @@ def run(program: Program, progress=None) -> PassResult:
         if progress:
             progress()
     return PassResult(program.replace_layers(layers), changed=bool(layers))
+
+
+def encoding_for(options) -> Encoding:
+    """The encoding the compile options ask for (one slice in ideal mode)."""
+    slices = 1 if options.ideal else math.ceil(options.weight_bits / options.cell_bits)
+    return make_encoding(options.encoding, slices, options.cell_bits)
 
 
 def make_encoding(name: str, slices: int = 1, cell_bits: int = 8) -> Encoding:

@@ -92,7 +92,7 @@ class ProgrammedLayer:
             self.input_range = 1.0
 
     def forward(self, rows: np.ndarray, add_bias: bool = True) -> np.ndarray:
-        y = self._collapsed(rows) if self.ideal else self._crossbar(rows)
+        y = self.layer.restore_order(self._collapsed(rows) if self.ideal else self._crossbar(rows))
         if add_bias and self.bias is not None:
             y += self.bias.astype(y.dtype, copy=False)
         return y

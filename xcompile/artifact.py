@@ -30,7 +30,7 @@ from xcompile.ir import Encoding, Layer, PassRecord, Program, Tiling, frozen_arr
 FORMAT = "xcompile-mapping"
 FORMAT_VERSION = 1
 MANIFEST, MANIFEST_DIGEST = "manifest.json", "manifest.sha256"
-_LAYER_ARRAYS = ("weight", "bias", "weight_q", "levels")
+_LAYER_ARRAYS = ("weight", "bias", "weight_q", "levels", "output_order")
 _TILING_ARRAYS = ("grid", "row_range", "out_range", "crossbar")
 _ENCODING_ARRAYS = ("term_offset", "term_step", "term_coeff")
 
@@ -200,6 +200,7 @@ def _program_from(manifest: dict, blobs: dict[str, bytes]) -> Program:
                 tiling=tiling,
                 levels=arrays.get("levels"),
                 notes=meta["notes"],
+                output_order=arrays.get("output_order"),
             )
         )
     placement = manifest["placement"]

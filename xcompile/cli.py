@@ -83,6 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cell-bits", type=int, help="bits per cell (default 8); weight_bits / cell_bits slices")
     p.add_argument("--encoding", help="signed-weight encoding: dual (default), acm, offset")
     p.add_argument("--acm-fit", help="ACM rows that overflow the cells: scale (default) or clip")
+    p.add_argument("--remap", help="column remapping against line resistance: none (default) or static")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary line")
     p.set_defaults(handler=_compile)
 
@@ -147,6 +148,7 @@ def _compile(args) -> int:
             "cell_bits": args.cell_bits,
             "encoding": args.encoding,
             "acm_fit": args.acm_fit,
+            "remap": args.remap,
         }.items()
         if value is not None
     }

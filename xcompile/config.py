@@ -15,6 +15,8 @@ from typing import Any
 from xcompile.errors import XCompileError
 
 ENCODINGS = ("dual", "acm", "offset")
+REMAPS = ("none", "static")
+SENSITIVITIES = ("magnitude",)
 ACM_FITS = ("scale", "clip")
 
 
@@ -126,6 +128,8 @@ class CompileOptions:
     cell_bits: bits one cell stores; a weight takes ceil(weight_bits / cell_bits) slices.
     encoding: dual | acm | offset (passes/encode.py).
     acm_fit: what ACM does with a row whose suffix sums overflow the cells: scale | clip.
+    remap: column remapping against line resistance: none | static (passes/remap.py).
+    sensitivity: how remapping ranks a layer's outputs: magnitude (sum of |w|, needs no data).
     """
 
     ideal: bool = False
@@ -133,6 +137,8 @@ class CompileOptions:
     cell_bits: int = 8
     encoding: str = "dual"
     acm_fit: str = "scale"
+    remap: str = "none"
+    sensitivity: str = "magnitude"
 
     def __post_init__(self) -> None:
         for name in ("weight_bits", "cell_bits"):
@@ -148,6 +154,9 @@ class CompileOptions:
             raise XCompileError(f"option 'encoding' must be one of {', '.join(ENCODINGS)}, got {self.encoding!r}")
         if self.acm_fit not in ACM_FITS:
             raise XCompileError(f"option 'acm_fit' must be one of {', '.join(ACM_FITS)}, got {self.acm_fit!r}")
+        for name, allowed in (("remap", REMAPS), ("sensitivity", SENSITIVITIES)):
+            if getattr(self, name) not in allowed:
+                raise XCompileError(f"option '{name}' must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.encoding == "offset" and self.weight_bits < 2:
             raise XCompileError("the offset encoding needs 'weight_bits' >= 2 (one bit goes to the offset)")
 

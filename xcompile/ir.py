@@ -104,6 +104,15 @@ class Layer:
     tiling: Tiling | None = None
     levels: np.ndarray | None = None  # [T, rows, cols] cell levels (float32 in ideal mode)
     notes: dict[str, Any] = field(default_factory=dict)
+    output_order: np.ndarray | None = None  # int64 [N]: crossbar output q holds layer output output_order[q]
+
+    def restore_order(self, y: np.ndarray) -> np.ndarray:
+        """Outputs [..., N] computed in crossbar order, back in the layer's own order."""
+        if self.output_order is None:
+            return y
+        restored = np.empty_like(y)
+        restored[..., self.output_order] = y
+        return restored
 
     @property
     def groups(self) -> int:

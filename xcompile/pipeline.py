@@ -15,9 +15,9 @@ from xcompile.artifact import Mapping
 from xcompile.config import split_options
 from xcompile.frontend import extract_layers, load_model
 from xcompile.ir import PassRecord, Program
-from xcompile.passes import assign, encode, quantize, tile
+from xcompile.passes import assign, encode, quantize, remap, tile
 
-PIPELINE = (quantize, encode, tile, assign)
+PIPELINE = (quantize, remap, encode, tile, assign)
 
 
 def compile_model(source: str | os.PathLike | onnx.ModelProto, *, progress: bool | None = None, **options: Any) -> Mapping:
@@ -63,6 +63,7 @@ def _pass_options(name: str, program: Program) -> dict[str, Any]:
     opts, hw = program.options, program.hardware
     return {
         "quantize": {"weight_bits": opts.weight_bits, "ideal": opts.ideal},
+        "remap": {"remap": opts.remap, "sensitivity": opts.sensitivity, "r_wire": hw.r_wire, "r_source": hw.r_source, "r_sink": hw.r_sink},
         "encode": {"encoding": opts.encoding, "acm_fit": opts.acm_fit, "cell_bits": opts.cell_bits},
         "tile": {"rows": hw.rows, "cols": hw.cols},
         "assign": {"cell_bits": opts.cell_bits, "g_on": hw.g_on, "g_off": hw.g_off},
