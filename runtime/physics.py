@@ -48,29 +48,26 @@ def effective_conductance(G, r_wire: float, r_source: float = 0.0, r_sink: float
     else:
         diagonal[:, 0] += 1.0 / r_source
         source_gain = 1.0 / r_source
-    T_inv = tridiagonal_inverses(lower, diagonal, upper)
     D_prime = G.copy()
     if pinned_source:
         D_prime[:, 0] = 0.0
-    r = source_gain * G * T_inv[:, :, 0]  # [rows, cols]: D_i T_i^-1 e_0 s
-    A = -G[:, :, None] * T_inv * D_prime[:, None, :]
-    A[:, idx, idx] += G
+    r = np.empty((rows, cols))
 
     last = rows - 2 if grounded_sink else rows - 1  # last bit-line row with unknown voltages
-    if last < 0:  # one row into grounded sinks: each cell's current flows straight out
-        return r.copy()
-    vertical = np.full(last + 1, 2 * gw)
+    vertical = np.full(rows, 2 * gw)  # the bit-line segments around each unknown bit-line row
     vertical[0] -= gw
-    if not grounded_sink:
+    if last >= 0 and not grounded_sink:
         vertical[last] += 1.0 / r_sink - gw
-    A[: last + 1, idx, idx] += vertical[:, None]
-
-    S_inv = np.empty((last + 1, cols, cols))
-    S = A[0]
-    for i in range(last + 1):
-        if i:
-            S = A[i] - gw * gw * S_inv[i - 1]
-        S_inv[i] = np.linalg.inv(S)
+    S_inv = np.zeros((max(last + 1, 1), cols, cols))
+    S = np.empty((cols, cols))
+    for i in range(rows):
+        previous = S_inv[i - 1] if 0 < i <= last else S_inv[0]
+        coupling = gw * gw if 0 < i <= last else 0.0
+        _schur_row(lower[i], diagonal[i], upper[i], G[i], D_prime[i], source_gain, vertical[i], previous, coupling, S, r[i])
+        if i <= last:
+            S_inv[i] = np.linalg.inv(S)
+    if last < 0:  # one row into grounded sinks: each cell's current flows straight out
+        return r
     out_gain = gw if grounded_sink else 1.0 / r_sink  # current into ground from the last unknown row
     result = np.empty((rows, cols))
     Q = out_gain * S_inv[last]
@@ -84,30 +81,46 @@ def effective_conductance(G, r_wire: float, r_source: float = 0.0, r_sink: float
 
 
 @numba.njit(cache=True)
-def tridiagonal_inverses(lower, diagonal, upper):
-    """Dense inverses of R tridiagonal C x C matrices (rows of the three diagonals), O(R C^2).
+def tridiagonal_inverse(lower, diagonal, upper, inverse):
+    """Write the dense inverse of a tridiagonal matrix (its three diagonals) into `inverse`, O(n^2).
 
-    Thomas elimination on the identity: the forward sweep is shared by all C right-hand sides.
+    With the pivots p of the LU sweep from the top and q of the sweep from the bottom, column k
+    of the inverse is 1 / (p_k + q_k - d_k) on the diagonal and decays away from it by the
+    ratios -upper/p (above) and -lower/q (below): every entry costs O(1), and no ratio exceeds 1
+    for the diagonally dominant chains here, so nothing overflows.
     """
-    rows, n = diagonal.shape
-    out = np.zeros((rows, n, n))
-    ratio = np.empty(n)
-    pivot = np.empty(n)
-    for r in range(rows):
-        pivot[0] = diagonal[r, 0]
-        for j in range(1, n):
-            ratio[j] = lower[r, j] / pivot[j - 1]
-            pivot[j] = diagonal[r, j] - ratio[j] * upper[r, j - 1]
-        inverse = out[r]
-        for k in range(n):  # column k of the inverse: forward (L y = e_k), then back (U x = y)
-            y = np.zeros(n)
-            y[k] = 1.0
-            for j in range(k + 1, n):
-                y[j] = -ratio[j] * y[j - 1]
-            inverse[n - 1, k] = y[n - 1] / pivot[n - 1]
-            for j in range(n - 2, -1, -1):
-                inverse[j, k] = (y[j] - upper[r, j] * inverse[j + 1, k]) / pivot[j]
-    return out
+    n = diagonal.shape[0]
+    p = np.empty(n)
+    q = np.empty(n)
+    p[0] = diagonal[0]
+    for j in range(1, n):
+        p[j] = diagonal[j] - lower[j] * upper[j - 1] / p[j - 1]
+    q[n - 1] = diagonal[n - 1]
+    for j in range(n - 2, -1, -1):
+        q[j] = diagonal[j] - upper[j] * lower[j + 1] / q[j + 1]
+    for k in range(n):
+        inverse[k, k] = 1.0 / (p[k] + q[k] - diagonal[k])
+    for i in range(n - 2, -1, -1):  # above the diagonal, row by row from the bottom
+        ratio = -upper[i] / p[i]
+        for k in range(i + 1, n):
+            inverse[i, k] = ratio * inverse[i + 1, k]
+    for i in range(1, n):  # below the diagonal, row by row from the top
+        ratio = -lower[i] / q[i]
+        for k in range(i):
+            inverse[i, k] = ratio * inverse[i - 1, k]
+
+
+@numba.njit(cache=True)
+def _schur_row(lower, diagonal, upper, g, g_prime, source_gain, vertical, previous, coupling, S, r):
+    """Row i's bit-line block S_i = D_i - D_i T_i^-1 D'_i + vertical - coupling * S_{i-1}^-1 and
+    its drive r_i = s D_i T_i^-1 e_0, written into S and r."""
+    cols = g.shape[0]
+    tridiagonal_inverse(lower, diagonal, upper, S)  # S holds T_i^-1 until overwritten row by row
+    for j in range(cols):
+        r[j] = source_gain * g[j] * S[j, 0]
+        for k in range(cols):
+            S[j, k] = -g[j] * S[j, k] * g_prime[k] - coupling * previous[j, k]
+        S[j, j] += g[j] + vertical
 
 
 def _lumped(G: np.ndarray, r_source: float, r_sink: float) -> np.ndarray:
