@@ -1,50 +1,101 @@
-"""Column remapping against line resistance (X-CHANGR, Agrawal et al.): static ranking.
+"""Output remapping against line resistance: X-CHANGR (static, dynamic) and sparse rearrangement.
 
-Column positions far from the drivers and the sense amplifiers lose more of their current.
-The pass ranks every output of a layer by sensitivity (`magnitude`: the sum of |w| of its
-column, no data needed) and places the most sensitive outputs at the crossbar positions that
-keep the most current; `Layer.output_order` records the permutation, which the runtime undoes
-digitally with one gather. Position error comes from the physics model of the configured
-hardware: the exact G_eff of a tile whose cells sit mid-window, as the fraction of its ideal
-current each output position keeps. Grouped layers are left in place (their block-diagonal
-structure fixes which outputs share rows). It runs before the encoding pass: which outputs
-share a tile decides whether ACM's suffix sums fit, so the encoding must see the final order.
+Crossbar output positions far from the drivers and the sense amplifiers lose more of their
+current. Every mode permutes the outputs (columns) of each layer before tiling and records the
+permutation in `Layer.output_order`; the runtime undoes it with one gather after the ADC.
+
+- static: rank outputs by sensitivity and give the most sensitive the positions whose error is
+  smallest (one sort per layer; the rearrangement inequality makes it the best assignment for a
+  loss linear in sensitivity x position error). A position's error is how far the current it
+  keeps is from the layer's typical (median) share, not from all of it: a common attenuation
+  of a layer's outputs changes no decision of a ReLU network whose converter ranges are
+  calibrated, so only the spread between positions costs accuracy. (X-CHANGR counts the loss
+  itself; on our models, where long lines keep 7-30% of the current, giving the most sensitive
+  outputs the highest gains distorts more than it saves: docs/remap.md.)
+- dynamic: the non-ideal model in the loop. Start from static; then layer by layer, simulate
+  the whole network on the configured hardware, measure what each position actually keeps
+  (crossbar vs exact output of that layer on its real inputs), re-rank by Taylor sensitivity with
+  the other layers at their measured gains, re-place, and keep the new order only if the
+  simulated calibration loss falls; repeat per layer until it does not.
+- sparse (pruned models): deal columns across the layer's column blocks by conductance load so
+  every crossbar carries a balanced, low load (pruned, all-zero columns spread between tiles),
+  then give each tile's heaviest columns its best positions.
+
+Position loss comes from the physics model of the configured hardware: the exact G_eff of a tile
+whose cells sit mid-window, as the fraction of its ideal current each output position keeps.
+Sensitivity: `magnitude` (sum of |w| of the column, no data), `taylor` (first-order
+|dLoss/dg_k| for a gain g_k on output k, i.e. |sum dLoss/dy_k * y_k|, per calibration sample
+and averaged, by central finite differences through ONNX Runtime: see xcompile/probe.py), or
+`perturbation` (loss increase when output k is attenuated by the layer's mean position loss).
+Grouped layers are left in place (their block-diagonal structure fixes which outputs share
+rows). The pass runs before encoding: which outputs share a tile decides whether ACM's suffix
+sums fit, so the encoding must see the final order.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import numpy as np
 
 from xcompile.config import Hardware
 from xcompile.ir import Encoding, Layer, PassResult, Program, frozen_array
 from xcompile.passes.encode import encoding_for
+from xcompile.probe import Calibration, GainProbe
 from xcompile.runtime.physics import effective_conductance
 
 NAME = "remap"
+TAYLOR_STEP = 0.01  # relative gain step of the central difference
+DYNAMIC_ROUNDS = 4  # search rounds per layer at most
+DYNAMIC_CANDIDATES = 6  # placements simulated per round
+SEARCH_SEED = 0  # seeds the random transpositions: the same model compiles to the same placement
 
 
-def run(program: Program, progress=None) -> PassResult:
-    if program.options.remap == "none":
+def run(program: Program, progress=None, calibration: Calibration | None = None) -> PassResult:
+    opts = program.options
+    if opts.remap == "none":
         return PassResult(program, changed=False)
-    hw = program.hardware
-    encoding = encoding_for(program.options)
-    keep = kept_current(hw, encoding)
-    layers, changed = [], False
+    encoding = encoding_for(opts)
+    kept = kept_current(program.hardware, encoding)
+    per_tile = encoding.outputs_per_tile(program.hardware.cols)
+    if opts.remap_rows:
+        row_kept = kept_current(program.hardware, encoding, axis=1)
+        program = program.replace_layers([_rows_reordered(layer, row_kept) if layer.groups == 1 else layer for layer in program.layers])
+    movable = [layer for layer in program.layers if layer.groups == 1]
+    dynamic_notes: dict[int, dict] = {}
+    if opts.remap == "sparse":
+        orders = {layer.index: _sparse_order(layer, kept, per_tile) for layer in movable}
+    else:
+        probe = GainProbe(program, calibration) if opts.needs_calibration else None
+        orders = {
+            layer.index: _placement(_sensitivity(opts.sensitivity, layer, probe, kept, per_tile), kept, per_tile)
+            for layer in movable
+        }
+        if opts.remap == "dynamic":
+            if program.hardware.wires_ideal:
+                warnings.warn("remap 'dynamic': the hardware has ideal wires (r_wire = 0), nothing to measure; static order kept", stacklevel=3)
+            else:
+                orders, dynamic_notes = _dynamic(program, probe, orders, per_tile)
+    layers = []
     for layer in program.layers:
-        if layer.groups == 1:
-            layer = _static(layer, keep, encoding.outputs_per_tile(hw.cols))
-            changed = True
+        if layer.index in orders:
+            layer = _reordered(layer, orders[layer.index], opts.remap, dynamic_notes.get(layer.index, {}))
         layers.append(layer)
         if progress:
             progress()
-    return PassResult(program.replace_layers(layers), changed=changed)
+    return PassResult(program.replace_layers(layers), changed=bool(orders))
 
 
-def kept_current(hw: Hardware, encoding: Encoding) -> np.ndarray:
-    """Fraction of its ideal current each output position of a full tile keeps (1 = no loss):
-    the mean over the physical columns the output's recombination terms read."""
+def kept_current(hw: Hardware, encoding: Encoding, axis: int = 0) -> np.ndarray:
+    """Fraction of its ideal current each position of a full tile keeps (1 = no loss), for a
+    tile whose cells sit mid-window. axis 0: per output position, the mean over the physical
+    columns the output's recombination terms read; axis 1: per row (input) position."""
+    if axis == 1:
+        if hw.wires_ideal:
+            return np.ones(hw.rows)
+        g = np.full((hw.rows, hw.cols), (hw.g_on + hw.g_off) / 2)
+        return effective_conductance(g, hw.r_wire, hw.r_source, hw.r_sink).sum(axis=1) / g.sum(axis=1)
     outputs = encoding.outputs_per_tile(hw.cols)
     if hw.wires_ideal:
         return np.ones(outputs)
@@ -54,19 +105,191 @@ def kept_current(hw: Hardware, encoding: Encoding) -> np.ndarray:
     return np.mean([column_kept[offset + step * j] for offset, step in zip(encoding.term_offset, encoding.term_step)], axis=0)
 
 
-def _static(layer: Layer, kept: np.ndarray, per_tile: int) -> Layer:
-    outputs = layer.outputs
-    sensitivity = np.abs(layer.weight[0]).sum(axis=0)
-    positions = np.arange(outputs)
-    position_loss = 1.0 - kept[positions % per_tile]
-    best_positions = positions[np.argsort(position_loss, kind="stable")]
-    most_sensitive = np.argsort(-sensitivity, kind="stable")
+def _position_kept(outputs: int, kept: np.ndarray, per_tile: int) -> np.ndarray:
+    """What each crossbar output position q of a layer keeps: its place within its tile."""
+    return kept[np.arange(outputs) % per_tile]
+
+
+def _placement(sensitivity: np.ndarray, kept: np.ndarray, per_tile: int) -> np.ndarray:
+    """order[q] = the layer output placed at crossbar position q: most sensitive -> the position
+    whose kept share is nearest the layer's median (smallest relative error)."""
+    outputs = sensitivity.shape[0]
+    kept = kept if kept.shape[0] == outputs else _position_kept(outputs, kept, per_tile)
+    position_loss = np.abs(kept / np.median(kept) - 1.0)
+    best_positions = np.argsort(position_loss, kind="stable")
     order = np.empty(outputs, dtype=np.int64)
-    order[best_positions] = most_sensitive  # crossbar output q holds layer output order[q]
+    order[best_positions] = np.argsort(-sensitivity, kind="stable")
+    return order
+
+
+def _sensitivity(mode: str, layer: Layer, probe: GainProbe | None, kept: np.ndarray, per_tile: int, base=None) -> np.ndarray:
+    if mode == "magnitude":
+        return np.abs(layer.weight[0]).sum(axis=0)
+    n = layer.outputs
+    if mode == "taylor":
+        centre = np.ones(n) if base is None or layer.index not in base else base[layer.index]
+        patterns = np.repeat(centre[None], 2 * n, axis=0)
+        patterns[2 * np.arange(n), np.arange(n)] *= 1 + TAYLOR_STEP
+        patterns[2 * np.arange(n) + 1, np.arange(n)] *= 1 - TAYLOR_STEP
+        losses = probe.losses(layer.index, patterns, base)
+        return np.abs(losses[0::2] - losses[1::2]).mean(axis=1) / (2 * TAYLOR_STEP)
+    attenuation = float(np.mean(1.0 - _position_kept(n, kept, per_tile)))
+    patterns = np.ones((n + 1, n))
+    patterns[np.arange(n), np.arange(n)] = 1.0 - attenuation
+    losses = probe.losses(layer.index, patterns).mean(axis=1)
+    return losses[:n] - losses[n]
+
+
+def _sparse_order(layer: Layer, kept: np.ndarray, per_tile: int) -> np.ndarray:
+    """Deal columns by load (sum |w|) over the column blocks in snake order, so every tile gets a
+    balanced share of heavy and empty columns; then best positions to each tile's heaviest."""
+    load = np.abs(layer.weight[0]).sum(axis=0)
+    outputs = load.shape[0]
+    blocks = -(-outputs // per_tile)
+    capacity = np.array([min(per_tile, outputs - b * per_tile) for b in range(blocks)])
+    members: list[list[int]] = [[] for _ in range(blocks)]
+    sweep = 0
+    heaviest_first = np.argsort(-load, kind="stable")
+    position = 0
+    while position < outputs:
+        lane = range(blocks) if sweep % 2 == 0 else range(blocks - 1, -1, -1)
+        for b in lane:
+            if position < outputs and len(members[b]) < capacity[b]:
+                members[b].append(int(heaviest_first[position]))
+                position += 1
+        sweep += 1
+    best_positions = np.argsort(1.0 - kept[:per_tile], kind="stable")
+    order = np.empty(outputs, dtype=np.int64)
+    for b, columns in enumerate(members):  # `columns` is heaviest first already
+        slots = best_positions[best_positions < capacity[b]]
+        order[b * per_tile + slots] = columns
+    return order
+
+
+def _rows_reordered(layer: Layer, row_kept: np.ndarray) -> Layer:
+    """Inputs by load (sum |w| of the row: the current it drives) to the row positions that keep
+    the most; `Layer.input_order` records it and the runtime gathers the inputs to match."""
+    load = np.abs(layer.weight[0]).sum(axis=1)
+    rows = load.shape[0]
+    best_positions = np.argsort(-row_kept[np.arange(rows) % row_kept.shape[0]], kind="stable")
+    order = np.empty(rows, dtype=np.int64)
+    order[best_positions] = np.argsort(-load, kind="stable")  # crossbar row r holds input order[r]
+    return dataclasses.replace(
+        layer,
+        weight=frozen_array(layer.weight[:, order]),
+        weight_q=None if layer.weight_q is None else frozen_array(layer.weight_q[:, order]),
+        input_order=frozen_array(order if layer.input_order is None else layer.input_order[order]),
+    )
+
+
+def _reordered(layer: Layer, order: np.ndarray, mode: str, notes: dict | None = None) -> Layer:
     return dataclasses.replace(
         layer,
         weight=frozen_array(layer.weight[:, :, order]),
         weight_q=None if layer.weight_q is None else frozen_array(layer.weight_q[:, :, order]),
         output_order=frozen_array(order),
-        notes={**layer.notes, "remap": "static"},
+        notes={**layer.notes, "remap": mode, **(notes or {})},
     )
+
+
+def _dynamic(program: Program, probe: GainProbe, orders: dict[int, np.ndarray], per_tile: int) -> tuple[dict, dict]:
+    """Local search with the non-ideal model in the loop, layer by layer in network order.
+
+    Start from whichever of the layer's own order and the static order simulates better; then
+    per round: measure what each position keeps, propose the Taylor placement under those gains
+    plus a few seeded random transpositions of the current order, simulate each (only this
+    layer reprogrammed), and move to the best if it lowers the calibration loss; stop when a
+    round does not. Returns the orders and, per layer, what the search did (for `inspect`).
+    """
+    loop = _InTheLoop(program, probe, orders)
+    loss = loop.loss()
+    notes = {}
+    for index in list(orders):
+        layer = loop.source[index]
+        before, tried, accepted = loss, 0, 0
+        identity = np.arange(layer.outputs)
+        loop.place(index, identity)
+        identity_loss = loop.loss()
+        tried += 1
+        if identity_loss < loss:
+            orders, loss = {**orders, index: identity}, identity_loss
+        else:
+            loop.place(index, orders[index])
+        for round_ in range(DYNAMIC_ROUNDS):
+            gains = loop.gains()
+            kept_here = gains[index][orders[index]]  # what each position keeps in the current mapping
+            candidates = [_placement(_sensitivity("taylor", layer, probe, kept_here, per_tile, base=gains), kept_here, per_tile)]
+            rng = np.random.default_rng([SEARCH_SEED, index, round_])
+            for _ in range(DYNAMIC_CANDIDATES - 1):
+                candidate = orders[index].copy()
+                for _ in range(2):
+                    a, b = rng.choice(layer.outputs, 2, replace=False)
+                    candidate[[a, b]] = candidate[[b, a]]
+                candidates.append(candidate)
+            best, best_loss = None, loss
+            for candidate in candidates:
+                if np.array_equal(candidate, orders[index]):
+                    continue
+                loop.place(index, candidate)
+                tried += 1
+                candidate_loss = loop.loss()
+                if candidate_loss < best_loss:
+                    best, best_loss = candidate, candidate_loss
+            loop.place(index, orders[index] if best is None else best)
+            if best is None:
+                break
+            orders, loss = {**orders, index: best}, best_loss
+            accepted += 1
+        notes[index] = {"remap_tried": tried, "remap_accepted": accepted, "remap_loss_before": round(before, 6), "remap_loss_after": round(loss, 6)}
+    return orders, notes
+
+
+class _InTheLoop:
+    """The calibration data run on the configured hardware (one fixed trial), with one layer
+    reprogrammed at a time: the oracle of the dynamic search."""
+
+    def __init__(self, program: Program, probe: GainProbe, orders: dict[int, np.ndarray]):
+        from xcompile.runtime.session import Session
+
+        self.probe = probe
+        self.source = {layer.index: layer for layer in program.layers}
+        self.program = program
+        self.feeds = {probe.input_name: probe.x}
+        compiled = _compiled(program, [_reordered(layer, orders[i], "dynamic") if i in orders else layer for i, layer in self.source.items()])
+        self.layers = {layer.index: layer for layer in compiled.layers}
+        # the deterministic physics only: one placement serves every chip, so no device draw
+        deterministic = dataclasses.replace(program.hardware, sigma=0.0, variation="none", stuck_off_rate=0.0, stuck_on_rate=0.0, read_noise=0.0)
+        self.session = Session(compiled, calibration=self.feeds, hardware=deterministic)
+
+    def place(self, index: int, order: np.ndarray) -> None:
+        layer = _compiled(self.program, [_reordered(self.source[index], order, "dynamic")]).layers[0]
+        self.layers[index] = layer
+        self.session.reprogram(layer, self.feeds)
+
+    def loss(self) -> float:
+        return float(self.probe.sample_losses(self.session.run(None, self.feeds)[0]).mean())
+
+    def gains(self) -> dict[int, np.ndarray]:
+        """Per layer output, the least-squares gain of the crossbars' output over the exact one."""
+        from xcompile.runtime.crossbar import effective_weights
+
+        _, traces = self.session.trace(self.feeds)
+        gains = {}
+        for index, layer in self.layers.items():
+            if layer.groups != 1:
+                continue
+            rows, measured = traces[index]
+            exact = layer.restore_order(layer.order_inputs(rows.astype(np.float64)) @ effective_weights(layer)[0])
+            power = np.square(exact).sum(axis=0)
+            gains[index] = np.where(power > 0, (measured * exact).sum(axis=0) / np.where(power > 0, power, 1.0), 1.0)
+        return gains
+
+
+def _compiled(program: Program, layers: list[Layer]) -> Program:
+    """`layers` through the passes after this one (encode, tile, assign)."""
+    from xcompile.passes import assign, encode, tile
+
+    compiled = program.replace_layers(layers)
+    for downstream in (encode, tile, assign):
+        compiled = downstream.run(compiled).program
+    return compiled

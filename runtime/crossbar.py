@@ -49,6 +49,7 @@ class ProgrammedLayer:
     """What the runtime executes for one layer: rows [P, K] -> outputs [P, N] (bias added)."""
 
     def __init__(self, layer: Layer, hardware: Hardware, level_max: float, seed: int = 0):
+        layer = layer.as_loaded()  # cells a reprogramming schedule left stale are what computes
         self.layer, self.hw = layer, hardware
         self.bias = None if layer.bias is None else layer.bias.astype(np.float64)
         self.ideal = hardware.ideal
@@ -75,7 +76,11 @@ class ProgrammedLayer:
         return not self.ideal and ((hw.adc_bits > 0 and hw.adc_range != "fixed") or hw.dac_range == "calibrated")
 
     def start_calibration(self) -> None:
+        """Forget what earlier calibrations saw: ranges come from this run alone."""
         self.calibrating = True
+        self.input_range = 0.0
+        for block in getattr(self, "blocks", ()):
+            block.seen_max[:] = 0.0
 
     def finish_calibration(self) -> None:
         """Set ADC ranges per tile or per column, and the DAC range, from what calibration saw."""
@@ -92,8 +97,13 @@ class ProgrammedLayer:
             self.input_range = 1.0
 
     def forward(self, rows: np.ndarray, add_bias: bool = True) -> np.ndarray:
+        rows = self.layer.order_inputs(rows)  # sorted weight sections: inputs in crossbar row order
         y = self.layer.restore_order(self._collapsed(rows) if self.ideal else self._crossbar(rows))
-        if add_bias and self.bias is not None:
+        return self.add_bias(y) if add_bias else y
+
+    def add_bias(self, y: np.ndarray) -> np.ndarray:
+        """y + bias, in place, in y's precision."""
+        if self.bias is not None:
             y += self.bias.astype(y.dtype, copy=False)
         return y
 
@@ -247,7 +257,7 @@ def effective_weights(layer: Layer) -> np.ndarray:
 
 def read_energy(layer: Layer, hw: Hardware, options, rows: np.ndarray) -> float:
     """sum_p sum_i v_pi^2 sum_j G_ij over the layer's tiles (target conductances, ideal DAC)."""
-    x = np.asarray(rows, dtype=np.float64)
+    x = layer.order_inputs(np.asarray(rows, dtype=np.float64))
     scale = np.abs(x).max(axis=1, keepdims=True)
     v_squared = np.square(np.divide(np.abs(x), scale, out=np.zeros_like(x), where=scale > 0) * hw.v_read)
     level_max = float(2 ** (options.weight_bits if options.ideal else options.cell_bits) - 1)

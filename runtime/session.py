@@ -58,9 +58,9 @@ class Session:
         self._inputs = [_node_arg(v) for v in graph.input]
         self._outputs = [_node_arg(v) for v in graph.output]
         opts = program.options
-        level_max = float(2 ** (opts.weight_bits if opts.ideal else opts.cell_bits) - 1)
+        self._level_max = float(2 ** (opts.weight_bits if opts.ideal else opts.cell_bits) - 1)
         self._layers = {
-            layer.index: _LayerRunner(layer, ProgrammedLayer(layer, self.hardware, level_max, self.seed))
+            layer.index: _LayerRunner(layer, ProgrammedLayer(layer, self.hardware, self._level_max, self.seed))
             for layer in program.layers
         }
         self._steps = _partition(program.graph)
@@ -68,6 +68,16 @@ class Session:
         self._last_use = _last_uses(self._steps, [o.name for o in graph.output])
         self._calibrated = not any(r.crossbar.needs_calibration for r in self._layers.values())
         if calibration is not None and not self._calibrated:
+            self.calibrate(calibration)
+
+    def reprogram(self, layer: Layer, calibration: dict | None = None) -> None:
+        """Program `layer` in place of the layer with its index (same trial draws), then
+        recalibrate on `calibration`: how an in-the-loop compiler tries one layer's placements
+        without reprogramming the rest."""
+        if layer.index not in self._layers:
+            raise XCompileError(f"layer index {layer.index} is not in this session's program")
+        self._layers[layer.index] = _LayerRunner(layer, ProgrammedLayer(layer, self.hardware, self._level_max, self.seed))
+        if calibration is not None and self._layers[layer.index].crossbar.needs_calibration:
             self.calibrate(calibration)
 
     def calibrate(self, feeds: dict[str, Any]) -> None:
@@ -101,6 +111,19 @@ class Session:
             runner.layer.name: float(sum(read_energy(runner.layer, self.hardware, self.program.options, rows) for rows in recorded[index])) / samples
             for index, runner in self._layers.items()
         }
+
+    def trace(self, feeds: dict[str, Any]) -> tuple[list, dict[int, tuple[np.ndarray, np.ndarray]]]:
+        """Run `feeds`; return the outputs and, per layer index, its input vectors [P, K] and
+        outputs before bias [P, N] as the crossbars computed them (what remapping measures)."""
+        traces: dict[int, list] = {index: [] for index in self._layers}
+        for index, runner in self._layers.items():
+            runner.tap = lambda rows, y, seen=traces[index]: seen.append((rows, y.copy()))  # y gets its bias in place
+        try:
+            outputs = self.run(None, feeds)
+        finally:
+            for runner in self._layers.values():
+                runner.tap = None
+        return outputs, {i: (np.concatenate([r for r, _ in t]), np.concatenate([y for _, y in t])) for i, t in traces.items() if t}
 
     @property
     def adc_clipped(self) -> int:
@@ -185,6 +208,7 @@ class _LayerRunner:
         self.layer = layer
         self.crossbar = crossbar
         self.recorder = None  # called with every batch of input vectors (read_energy)
+        self.tap = None  # called with (input vectors, outputs before bias) of every batch (trace)
 
     def run(self, x) -> np.ndarray:
         layer, geometry = self.layer, self.layer.geometry
@@ -193,15 +217,15 @@ class _LayerRunner:
         if layer.kind == "dense":
             rows, info = digital.dense_input(x, geometry)
             self._record(rows)
-            y = digital.dense_output(self.crossbar.forward(rows), info, geometry)
+            y = digital.dense_output(self._forward(rows), info, geometry)
         elif layer.kind == "conv":
             rows, out_shape = digital.im2col(x, geometry)
             self._record(rows)
-            y = digital.conv_output(self.crossbar.forward(rows), x.shape[0], out_shape)
+            y = digital.conv_output(self._forward(rows), x.shape[0], out_shape)
         else:
             rows = np.moveaxis(x, 1, -1).reshape(-1, x.shape[1])
             self._record(rows)
-            cols = self.crossbar.forward(rows, add_bias=False)
+            cols = self._forward(rows, add_bias=False)
             y = digital.col2im(cols, x.shape[0], x.shape[2:], geometry, geometry["channels_out"])
             if layer.bias is not None:
                 y = y + layer.bias.reshape((1, -1) + (1,) * geometry["rank"])
@@ -211,6 +235,12 @@ class _LayerRunner:
     def _record(self, rows: np.ndarray) -> None:
         if self.recorder is not None:
             self.recorder(rows)
+
+    def _forward(self, rows: np.ndarray, add_bias: bool = True) -> np.ndarray:
+        y = self.crossbar.forward(rows, add_bias=False)
+        if self.tap is not None:
+            self.tap(rows, y)
+        return self.crossbar.add_bias(y) if add_bias else y
 
 
 @dataclass

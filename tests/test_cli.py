@@ -17,11 +17,12 @@ import xcompile
 from xcompile.cli import main
 from builders import model, small_cnn, tensor
 
-SUMMARY_KEYS = {"hardware", "options", "passes", "layers", "totals", "digital_ops"}
+SUMMARY_KEYS = {"hardware", "options", "passes", "layers", "totals", "digital_ops", "schedule"}
 LAYER_KEYS = {
     "name", "op_type", "kind", "rows", "outputs", "groups", "weights", "tiles", "crossbars",
     "cells_used", "cells_total", "utilisation", "encoding", "scale", "columns",
     "adc_conversions_per_vector", "vectors_per_sample", "adc_conversions_per_inference", "notes",
+    "output_order", "input_order",
 }
 
 

@@ -26,11 +26,13 @@ from xcompile.config import CompileOptions, Hardware
 from xcompile.errors import XCompileError
 from xcompile.fileio import atomic_output
 from xcompile.ir import Encoding, Layer, PassRecord, Program, Tiling, frozen_array
+from xcompile.reprogramming import Schedule
 
 FORMAT = "xcompile-mapping"
 FORMAT_VERSION = 1
 MANIFEST, MANIFEST_DIGEST = "manifest.json", "manifest.sha256"
-_LAYER_ARRAYS = ("weight", "bias", "weight_q", "levels", "output_order")
+_LAYER_ARRAYS = ("weight", "bias", "weight_q", "levels", "output_order", "input_order", "stale_cells", "stale_levels")
+SCHEDULE_PREFIX = "arrays/schedule/"
 _TILING_ARRAYS = ("grid", "row_range", "out_range", "crossbar")
 _ENCODING_ARRAYS = ("term_offset", "term_step", "term_coeff")
 
@@ -76,6 +78,8 @@ def save(program: Program, path: str | os.PathLike) -> Path:
         meta, arrays = _layer_to_manifest(layer)
         layers_meta.append(meta)
         members.extend((f"arrays/{layer.index}/{name}.npy", _npy(array)) for name, array in arrays.items())
+    schedule_meta, schedule_arrays = program.schedule.to_manifest() if program.schedule is not None else (None, {})
+    members.extend((f"{SCHEDULE_PREFIX}{name}.npy", _npy(array)) for name, array in schedule_arrays.items())
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -86,6 +90,7 @@ def save(program: Program, path: str | os.PathLike) -> Path:
         "digital_nodes": list(program.digital_nodes),
         "layers": layers_meta,
         "placement": None if program.placement is None else nx.node_link_data(program.placement, edges="edges"),
+        "schedule": schedule_meta,
         "members": {name: hashlib.sha256(data).hexdigest() for name, data in members},
     }
     manifest_bytes = json.dumps(manifest, indent=1, sort_keys=True).encode()
@@ -201,6 +206,9 @@ def _program_from(manifest: dict, blobs: dict[str, bytes]) -> Program:
                 levels=arrays.get("levels"),
                 notes=meta["notes"],
                 output_order=arrays.get("output_order"),
+                input_order=arrays.get("input_order"),
+                stale_cells=arrays.get("stale_cells"),
+                stale_levels=arrays.get("stale_levels"),
             )
         )
     placement = manifest["placement"]
@@ -213,7 +221,15 @@ def _program_from(manifest: dict, blobs: dict[str, bytes]) -> Program:
         history=tuple(PassRecord(**record) for record in manifest["passes"]),
         placement=None if placement is None else nx.node_link_graph(placement, edges="edges"),
         digital_nodes=tuple(manifest["digital_nodes"]),
+        schedule=_schedule_from(manifest.get("schedule"), blobs),
     )
+
+
+def _schedule_from(meta: dict | None, blobs: dict[str, bytes]) -> Schedule | None:
+    if meta is None:
+        return None
+    arrays = {name[len(SCHEDULE_PREFIX) : -len(".npy")]: _array(data) for name, data in blobs.items() if name.startswith(SCHEDULE_PREFIX)}
+    return Schedule.from_manifest(meta, arrays)
 
 
 def _npy(array: np.ndarray) -> bytes:

@@ -83,7 +83,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cell-bits", type=int, help="bits per cell (default 8); weight_bits / cell_bits slices")
     p.add_argument("--encoding", help="signed-weight encoding: dual (default), acm, offset")
     p.add_argument("--acm-fit", help="ACM rows that overflow the cells: scale (default) or clip")
-    p.add_argument("--remap", help="column remapping against line resistance: none (default) or static")
+    p.add_argument("--remap", help="output remapping against line resistance: none (default), static, dynamic, sparse")
+    p.add_argument("--sensitivity", help="how remapping ranks outputs: magnitude (default), taylor, perturbation")
+    p.add_argument("--remap-rows", action="store_true", help="remap the inputs (rows) too: heaviest rows nearest the sense end")
+    p.add_argument("--calibration", metavar="DATA", help="'digits' or an .npz with x (and labels y): data for remap dynamic / taylor / perturbation")
+    p.add_argument("--crossbars", type=int, help="physical crossbars P; fewer than the tiles makes a reprogramming schedule (docs/schedules.md)")
+    p.add_argument("--schedule", help="load order with --crossbars: layer (default, network order) or sorted (sorted weight sections)")
+    p.add_argument("--stuck-fraction", type=float, help="bit stucking: share p of changed cells rewritten in the stuck slices (default 1)")
+    p.add_argument("--stuck-slices", type=int, help="bit stucking: the k lowest-order slice columns it applies to (default 0)")
+    p.add_argument("--seed", type=int, help="seed of random compile decisions (which cells bit stucking rewrites; default 0)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary line")
     p.set_defaults(handler=_compile)
 
@@ -92,6 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the summary as JSON (keys: docs/inspect.md)")
     p.add_argument("--graph", metavar="FILE", help="write the placement graph (.graphml, .dot, .gv or .json)")
     p.add_argument("--calibration", metavar="DATA", help="'digits' (its calibration split) or an .npz with x: adds the read-energy proxy per layer")
+    p.add_argument("--writes-plot", metavar="FILE.png", help="plot the cell writes per physical crossbar and per round (needs a schedule)")
     p.set_defaults(handler=_inspect)
 
     p = sub.add_parser("run", help="run a mapping on inputs from .npy files")
@@ -113,6 +122,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     _hardware_args(p)
     p.set_defaults(handler=_eval)
+
     return parser
 
 
@@ -149,12 +159,19 @@ def _compile(args) -> int:
             "encoding": args.encoding,
             "acm_fit": args.acm_fit,
             "remap": args.remap,
+            "sensitivity": args.sensitivity,
+            "remap_rows": args.remap_rows or None,
+            "crossbars": args.crossbars,
+            "schedule": args.schedule,
+            "stuck_fraction": args.stuck_fraction,
+            "stuck_slices": args.stuck_slices,
+            "seed": args.seed,
         }.items()
         if value is not None
     }
     options.update(_hardware_options(args))
     started = time.perf_counter()
-    mapping = compile_model(args.model, progress=False if args.quiet else None, **options)
+    mapping = compile_model(args.model, progress=False if args.quiet else None, calibration=args.calibration, **options)
     mapping.save(args.output)
     if not args.quiet:
         totals = mapping.summary()["totals"]
@@ -185,6 +202,10 @@ def _inspect(args) -> int:
         info["totals"]["read_energy"] = sum(energy.values())
     if args.graph:
         write_graph(mapping.program, args.graph)
+    if args.writes_plot:
+        from xcompile.reprogramming import write_writes_plot
+
+        write_writes_plot(mapping.program.schedule, args.writes_plot)
     print(json.dumps(info, indent=2) if args.json else format_summary(info))
     return 0
 

@@ -15,9 +15,11 @@ from typing import Any
 from xcompile.errors import XCompileError
 
 ENCODINGS = ("dual", "acm", "offset")
-REMAPS = ("none", "static")
-SENSITIVITIES = ("magnitude",)
+REMAPS = ("none", "static", "dynamic", "sparse")
+SENSITIVITIES = ("magnitude", "taylor", "perturbation")
+DATA_SENSITIVITIES = ("taylor", "perturbation")
 ACM_FITS = ("scale", "clip")
+SCHEDULES = ("layer", "sorted")
 
 
 VARIATIONS = ("none", "lognormal", "gaussian")
@@ -128,8 +130,18 @@ class CompileOptions:
     cell_bits: bits one cell stores; a weight takes ceil(weight_bits / cell_bits) slices.
     encoding: dual | acm | offset (passes/encode.py).
     acm_fit: what ACM does with a row whose suffix sums overflow the cells: scale | clip.
-    remap: column remapping against line resistance: none | static (passes/remap.py).
-    sensitivity: how remapping ranks a layer's outputs: magnitude (sum of |w|, needs no data).
+    remap: output (column) remapping against line resistance: none | static | dynamic | sparse
+        (passes/remap.py; dynamic needs calibration data).
+    sensitivity: how remapping ranks a layer's outputs: magnitude (sum of |w|, needs no data),
+        taylor or perturbation (measured on calibration data).
+    remap_rows: also permute the inputs (rows): the rows expected to carry the most current go
+        to the row positions that keep the most (nearest the sense end).
+    crossbars: physical crossbars on the chip; fewer than the tiles makes a reprogramming
+        schedule (passes/schedule.py, docs/schedules.md). None: one crossbar per tile.
+    schedule: load order with `crossbars`: layer (network order) | sorted (sorted weight sections).
+    stuck_fraction, stuck_slices: bit stucking: in the `stuck_slices` lowest-order slice columns
+        only this fraction of the cells whose level should change is rewritten (1: all of them).
+    seed: seed of the random compile decisions (which cells bit stucking rewrites).
     """
 
     ideal: bool = False
@@ -139,6 +151,12 @@ class CompileOptions:
     acm_fit: str = "scale"
     remap: str = "none"
     sensitivity: str = "magnitude"
+    remap_rows: bool = False
+    crossbars: int | None = None
+    schedule: str = "layer"
+    stuck_fraction: float = 1.0
+    stuck_slices: int = 0
+    seed: int = 0
 
     def __post_init__(self) -> None:
         for name in ("weight_bits", "cell_bits"):
@@ -157,11 +175,42 @@ class CompileOptions:
         for name, allowed in (("remap", REMAPS), ("sensitivity", SENSITIVITIES)):
             if getattr(self, name) not in allowed:
                 raise XCompileError(f"option '{name}' must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if not isinstance(self.remap_rows, bool):
+            raise XCompileError(f"option 'remap_rows' must be true or false, got {self.remap_rows!r}")
+        if self.remap_rows and self.remap == "none":
+            raise XCompileError("option 'remap_rows' permutes rows as part of remapping: set 'remap' (static, dynamic or sparse) too")
         if self.encoding == "offset" and self.weight_bits < 2:
             raise XCompileError("the offset encoding needs 'weight_bits' >= 2 (one bit goes to the offset)")
+        self._check_schedule()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def _check_schedule(self) -> None:
+        if self.crossbars is not None:
+            _whole("option 'crossbars' (physical crossbars on the chip)", self.crossbars, 1, 1 << 31)
+        if self.schedule not in SCHEDULES:
+            raise XCompileError(f"option 'schedule' must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        p = self.stuck_fraction
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
+            raise XCompileError(f"option 'stuck_fraction' (share of changed cells rewritten) must be in [0, 1], got {p!r}")
+        slices = 1 if self.ideal else -(-self.weight_bits // self.cell_bits)
+        _whole("option 'stuck_slices' (lowest-order slice columns under bit stucking)", self.stuck_slices, 0, 1 << 31)
+        if self.stuck_slices > slices:
+            raise XCompileError(
+                f"option 'stuck_slices' ({self.stuck_slices}) exceeds the {slices} slice(s) of a weight "
+                f"(weight_bits {self.weight_bits} / cell_bits {self.cell_bits}{', ideal mode' if self.ideal else ''})"
+            )
+        if p < 1 and self.stuck_slices == 0:
+            raise XCompileError("option 'stuck_fraction' < 1 needs 'stuck_slices' >= 1: which low-order slice columns it applies to")
+        if self.crossbars is None and (self.schedule != "layer" or self.stuck_slices > 0):
+            raise XCompileError("options 'schedule' and 'stuck_slices' shape a reprogramming schedule: give 'crossbars' (P physical crossbars)")
+        _whole("option 'seed'", self.seed, 0, (1 << 63) - 1)
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether compiling measures the model on data (remapping in the loop, or by data)."""
+        return self.remap == "dynamic" or (self.remap != "none" and self.sensitivity in DATA_SENSITIVITIES)
 
 
 def _whole(what: str, value: Any, low: int, high: int) -> None:

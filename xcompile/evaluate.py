@@ -20,16 +20,19 @@ CALIBRATION_SAMPLES = 256
 def load_dataset(name_or_path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """(inputs, labels, calibration inputs or None) from a built-in name or an .npz with x and y."""
     if str(name_or_path) in BUILTIN_DATASETS:
-        data = resources.files("xcompile") / "data"
-        with resources.as_file(data / f"{name_or_path}_test.npz") as test, resources.as_file(data / f"{name_or_path}_calib.npz") as calib:
-            x, y = _read_npz(test)
-            cx, _ = _read_npz(calib)
-        return x, y, cx
+        x, y = builtin_split(str(name_or_path), "test")
+        return x, y, builtin_split(str(name_or_path), "calib")[0]
     path = Path(name_or_path)
     if not path.is_file():
         raise XCompileError(f"dataset '{path}' is neither a built-in ({', '.join(BUILTIN_DATASETS)}) nor an existing .npz file")
     x, y = _read_npz(path)
     return x, y, None
+
+
+def builtin_split(name: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(x, y) of a shipped dataset's 'test' or 'calib' split."""
+    with resources.as_file(resources.files("xcompile") / "data" / f"{name}_{split}.npz") as path:
+        return _read_npz(path)
 
 
 def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:

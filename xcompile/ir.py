@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 
 from xcompile.config import CompileOptions, Hardware
+from xcompile.reprogramming import Schedule
 
 
 def frozen_array(array: np.ndarray | None, dtype=None) -> np.ndarray | None:
@@ -105,6 +106,22 @@ class Layer:
     levels: np.ndarray | None = None  # [T, rows, cols] cell levels (float32 in ideal mode)
     notes: dict[str, Any] = field(default_factory=dict)
     output_order: np.ndarray | None = None  # int64 [N]: crossbar output q holds layer output output_order[q]
+    input_order: np.ndarray | None = None  # int64 [K]: crossbar row r holds layer input input_order[r] (sorted sections)
+    stale_cells: np.ndarray | None = None  # int64: flat indices into levels of cells a skipped write left stale
+    stale_levels: np.ndarray | None = None  # the levels those cells actually hold when the tile computes
+
+    def order_inputs(self, rows: np.ndarray) -> np.ndarray:
+        """Input vectors [..., K] in the layer's own order, put in crossbar row order."""
+        return rows if self.input_order is None else rows[..., self.input_order]
+
+    def as_loaded(self) -> "Layer":
+        """This layer with the levels its cells actually hold under the reprogramming schedule
+        (stale where bit stucking skipped a write): what the hardware computes with."""
+        if self.stale_cells is None or self.levels is None:
+            return self
+        loaded = self.levels.copy()
+        loaded.reshape(-1)[self.stale_cells] = self.stale_levels
+        return dataclasses.replace(self, levels=frozen_array(loaded), stale_cells=None, stale_levels=None)
 
     def restore_order(self, y: np.ndarray) -> np.ndarray:
         """Outputs [..., N] computed in crossbar order, back in the layer's own order."""
@@ -178,6 +195,7 @@ class Program:
     history: tuple[PassRecord, ...] = ()
     placement: nx.DiGraph | None = None
     digital_nodes: tuple[str, ...] = ()  # op types left to ONNX Runtime
+    schedule: Schedule | None = None  # reprogramming schedule, when the chip has fewer crossbars than tiles
 
     def replace_layers(self, layers) -> "Program":
         return dataclasses.replace(self, layers=tuple(layers))

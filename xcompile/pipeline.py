@@ -14,18 +14,28 @@ from tqdm.auto import tqdm
 from xcompile.artifact import Mapping
 from xcompile.config import split_options
 from xcompile.frontend import extract_layers, load_model
+from xcompile.errors import XCompileError
 from xcompile.ir import PassRecord, Program
-from xcompile.passes import assign, encode, quantize, remap, tile
+from xcompile.passes import assign, encode, quantize, remap, schedule, tile
+from xcompile.probe import Calibration
 
-PIPELINE = (quantize, remap, encode, tile, assign)
+PIPELINE = (quantize, remap, encode, tile, assign, schedule)
 
 
-def compile_model(source: str | os.PathLike | onnx.ModelProto, *, progress: bool | None = None, **options: Any) -> Mapping:
+def compile_model(
+    source: str | os.PathLike | onnx.ModelProto, *, progress: bool | None = None, calibration=None, **options: Any
+) -> Mapping:
     """Compile an ONNX model (path or ModelProto) for crossbars; options as in `xcompile --help`.
 
     progress: show a progress bar (None: only when stderr is a terminal).
+    calibration: data the data-driven passes measure the model on (remap='dynamic', or
+    sensitivity='taylor' / 'perturbation'): 'digits', an .npz with x (and labels y), (x, y) or x.
     """
     compile_options, hardware = split_options(options)
+    if compile_options.needs_calibration and calibration is None:
+        mode = "remap 'dynamic'" if compile_options.remap == "dynamic" else f"sensitivity {compile_options.sensitivity!r}"
+        raise XCompileError(f"{mode} measures the model on data: give calibration inputs (--calibration FILE.npz with x and labels y, or 'digits')")
+    data = Calibration.load(calibration) if compile_options.needs_calibration else None
     model = load_model(source)
     graph, layers, digital = extract_layers(model)
     program = Program(
@@ -40,10 +50,13 @@ def compile_model(source: str | os.PathLike | onnx.ModelProto, *, progress: bool
     with tqdm(total=steps, desc="compiling", unit="step", disable=None if progress is None else not progress, leave=False) as bar:
         for compiler_pass in PIPELINE:
             started = time.perf_counter()
-            result = compiler_pass.run(program, progress=bar.update)
+            if compiler_pass is remap:
+                result = compiler_pass.run(program, progress=bar.update, calibration=data)
+            else:
+                result = compiler_pass.run(program, progress=bar.update)
             record = PassRecord(
                 name=compiler_pass.NAME,
-                options=_pass_options(compiler_pass.NAME, result.program),
+                options=_pass_options(compiler_pass.NAME, result.program, data),
                 changed=result.changed,
                 seconds=round(time.perf_counter() - started, 6),
             )
@@ -58,13 +71,20 @@ def compile_model(source: str | os.PathLike | onnx.ModelProto, *, progress: bool
     return Mapping(program)
 
 
-def _pass_options(name: str, program: Program) -> dict[str, Any]:
-    """The options a pass read, so the artifact says how every step was made."""
+def _pass_options(name: str, program: Program, calibration: Calibration | None) -> dict[str, Any]:
+    """The options (and data) a pass read, so the artifact says how every step was made."""
     opts, hw = program.options, program.hardware
     return {
         "quantize": {"weight_bits": opts.weight_bits, "ideal": opts.ideal},
-        "remap": {"remap": opts.remap, "sensitivity": opts.sensitivity, "r_wire": hw.r_wire, "r_source": hw.r_source, "r_sink": hw.r_sink},
+        "remap": {
+            "remap": opts.remap, "sensitivity": opts.sensitivity, "remap_rows": opts.remap_rows, "r_wire": hw.r_wire, "r_source": hw.r_source, "r_sink": hw.r_sink,
+            "calibration": None if calibration is None else calibration.describe(),
+        },
         "encode": {"encoding": opts.encoding, "acm_fit": opts.acm_fit, "cell_bits": opts.cell_bits},
         "tile": {"rows": hw.rows, "cols": hw.cols},
         "assign": {"cell_bits": opts.cell_bits, "g_on": hw.g_on, "g_off": hw.g_off},
+        "schedule": {
+            "crossbars": opts.crossbars, "schedule": opts.schedule, "stuck_fraction": opts.stuck_fraction,
+            "stuck_slices": opts.stuck_slices, "seed": opts.seed,
+        },
     }[name]

@@ -11,6 +11,7 @@ import networkx as nx
 
 from xcompile.errors import XCompileError
 from xcompile.fileio import atomic_output
+from xcompile import reprogramming
 from xcompile.ir import Program
 
 GRAPH_FORMATS = (".graphml", ".dot", ".gv", ".json")
@@ -51,6 +52,8 @@ def summary(program: Program) -> dict[str, Any]:
                 "vectors_per_sample": vectors,
                 "adc_conversions_per_inference": None if vectors is None else per_vector * vectors,
                 "notes": {k: v for k, v in layer.notes.items() if k != "vectors_per_sample"},
+                "output_order": None if layer.output_order is None else layer.output_order.tolist(),
+                "input_order": None if layer.input_order is None else layer.input_order.tolist(),
             }
         )
     crossbars = set()
@@ -77,6 +80,7 @@ def summary(program: Program) -> dict[str, Any]:
             else sum(l["adc_conversions_per_inference"] for l in layers),
         },
         "digital_ops": list(program.digital_nodes),
+        "schedule": reprogramming.summary(program.schedule),
     }
 
 
@@ -117,11 +121,27 @@ def format_summary(info: dict[str, Any]) -> str:
             if "read_energy" in t
             else []
         ),
+        *_remap_lines(info),
+        *reprogramming.format_schedule(info.get("schedule")),
         "",
         f"digital (ONNX Runtime): {', '.join(info['digital_ops']) or 'nothing'}",
         "passes: " + " -> ".join(p["name"] for p in info["passes"]),
     ]
     return "\n".join(lines)
+
+
+def _remap_lines(info: dict[str, Any], shown: int = 16) -> list[str]:
+    """Which layer output sits at each crossbar output position, for remapped layers."""
+    remapped = [l for l in info["layers"] if l["output_order"] is not None]
+    if not remapped:
+        return []
+    opts = info["options"]
+    lines = ["", f"remap {opts['remap']} ({opts['sensitivity']}): crossbar output position -> layer output"]
+    for l in remapped:
+        order = l["output_order"]
+        more = f" ... ({len(order)} in all; --json lists every one)" if len(order) > shown else ""
+        lines.append(f"  {l['name'][:28]:<28} {' '.join(map(str, order[:shown]))}{more}")
+    return lines
 
 
 def _describe_nonidealities(hw: dict[str, Any]) -> str:
