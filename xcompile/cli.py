@@ -16,7 +16,7 @@ import numpy as np
 
 from xcompile.errors import XCompileError
 
-COMMANDS = ("compile", "inspect", "run", "eval")
+COMMANDS = ("compile", "inspect", "run", "eval", "sweep")
 
 # hardware flags shared by compile, run and eval: (flag, type, help)
 HARDWARE_FLAGS = (
@@ -123,6 +123,20 @@ def _parser() -> argparse.ArgumentParser:
     _hardware_args(p)
     p.set_defaults(handler=_eval)
 
+    p = sub.add_parser("sweep", help="accuracy over a grid of compile and hardware options, Monte-Carlo trials per point (docs/sweep.md)")
+    p.add_argument("model", help="ONNX model file")
+    p.add_argument("--grid", required=True, metavar="GRID.toml", help="[grid] option = [values, ...] to sweep, [fixed] option = value")
+    p.add_argument("--dataset", required=True, help="'digits' (shipped) or an .npz with x (inputs) and y (labels)")
+    p.add_argument("--trials", type=int, default=1, help="Monte-Carlo trials per point (seeds seed .. seed+trials-1)")
+    p.add_argument("--seed", type=int, default=0, help="first seed")
+    p.add_argument("-o", "--output", required=True, metavar="FOLDER", help="results folder; rerunning the same sweep resumes it")
+    p.add_argument("--scheduler", metavar="ADDRESS", help="run on a Dask cluster: its scheduler's address (tcp://host:8786), or 'local' to start a LocalCluster")
+    p.add_argument("--workers", type=int, help="local worker processes, or the LocalCluster's workers (default: all cores; 1 runs in this process)")
+    p.add_argument("--calibration", metavar="DATA", help="'digits' or an .npz with x (and labels y): data for points with remap dynamic / taylor / perturbation")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--json", action="store_true", help="print the summary (one record per point) as JSON")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_sweep)
     return parser
 
 
@@ -255,6 +269,32 @@ def _eval(args) -> int:
     print(f"crossbars:                  {result['crossbar_accuracy_mean']:.2%} +- {result['crossbar_accuracy_std']:.2%}")
     print(f"drop:                       {result['drop_mean'] * 100:.2f} points")
     print(f"ADC conversions clipped:    {result['adc_clipped_mean']:.0f} per trial (mean)")
+    return 0
+
+
+def _sweep(args) -> int:
+    from xcompile.sweep import load_grid, summarize, sweep
+
+    table = sweep(
+        args.model, args.grid, dataset=args.dataset, output=args.output, trials=args.trials, seed=args.seed,
+        scheduler=args.scheduler, workers=args.workers, calibration=args.calibration, batch_size=args.batch_size,
+        progress=False if args.quiet else None,
+    )
+    summary = summarize(table)
+    if args.json:
+        print(summary.to_json(orient="records", indent=2))
+        return 0
+    swept = [axis.column for axis in load_grid(args.grid).axes]
+    shown = summary[["point", *swept]].copy()
+    shown["accuracy"] = [f"{m:.2%} +- {s:.2%}" for m, s in zip(summary["accuracy_mean"], summary["accuracy_std"])]
+    shown["drop (points)"] = (summary["drop_mean"] * 100).round(2)
+    shown["adc clipped"] = summary["adc_clipped_mean"].round(0)
+    for column in ("cells", "crossbars_used", "writes"):
+        shown[column] = summary[column]
+    print(f"{args.model} on {args.dataset}: {len(summary)} points x {args.trials} trial(s) from seed {args.seed}; "
+          f"float model {summary['float_accuracy'].iloc[0]:.2%}")
+    print(shown.to_string(index=False))
+    print(f"wrote {Path(args.output) / 'table.csv'}, summary.csv and plots/ there")
     return 0
 
 
