@@ -91,6 +91,8 @@ def sorted_sections(program: Program) -> Program:
         order = np.argsort(-magnitude, axis=1, kind="stable")
         permute = lambda a: None if a is None else frozen_array(np.take_along_axis(a, order[:, :, None], axis=1))  # noqa: E731
         input_order = (order + np.arange(layer.groups)[:, None] * layer.weight.shape[1]).reshape(-1)
+        if layer.input_order is not None:  # rows already moved (remap_rows): compose, row r now holds old row order[r]
+            input_order = layer.input_order[input_order]
         layers.append(dataclasses.replace(layer, weight=permute(layer.weight), weight_q=permute(layer.weight_q), input_order=frozen_array(input_order, np.int64)))
     return assign.run(program.replace_layers(layers)).program
 

@@ -81,6 +81,22 @@ def test_sorted_sections_are_undone_exactly(build, encoding, weight_bits, cell_b
     assert np.abs(_run(sorted_, x, **fine) - _run(plain, x, **fine)).max() <= 1e-4 * np.abs(expected).max()
 
 
+def test_sorted_sections_compose_with_rows_already_remapped():
+    """remap_rows moves the rows first; sorting them again must keep track of both moves."""
+    onnx_model = small_cnn()
+    options = dict(progress=False, remap="static", remap_rows=True, **SMALL)
+    remapped = xcompile.compile_model(onnx_model, **options)
+    both = xcompile.compile_model(onnx_model, crossbars=3, schedule="sorted", **options)
+    for before, after in zip(remapped.layers, both.layers):
+        assert not np.array_equal(after.input_order, before.input_order)
+        realised = np.rint(effective_weights(after) / after.scale)
+        unsorted = np.rint(effective_weights(before) / before.scale)
+        np.testing.assert_array_equal(_in_layer_order(after, realised), _in_layer_order(before, unsorted))
+    x = _input(onnx_model)
+    expected = _run(remapped, x)
+    assert np.abs(_run(both, x) - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
 @pytest.mark.parametrize("order", ["layer", "sorted"])
 @pytest.mark.parametrize("crossbars", [1, 3, 7, 1000])
 def test_every_tile_is_loaded_once_per_pass_in_network_order(order, crossbars):
