@@ -11,5 +11,6 @@ from xcompile.config import CompileOptions, Hardware
 from xcompile.errors import XCompileError
 from xcompile.pipeline import compile_model
 from xcompile.runtime.session import Session
+from xcompile.sweep import sweep
 
-__all__ = ["CompileOptions", "Hardware", "Mapping", "Session", "XCompileError", "compile_model", "load"]
+__all__ = ["CompileOptions", "Hardware", "Mapping", "Session", "XCompileError", "compile_model", "load", "sweep"]

@@ -284,7 +284,7 @@ def _sweep(args) -> int:
     if args.json:
         print(summary.to_json(orient="records", indent=2))
         return 0
-    swept = [axis.column for axis in load_grid(args.grid).axes]
+    swept = [axis.column for axis in load_grid(args.grid, calibration=args.calibration).axes]
     shown = summary[["point", *swept]].copy()
     shown["accuracy"] = [f"{m:.2%} +- {s:.2%}" for m, s in zip(summary["accuracy_mean"], summary["accuracy_std"])]
     shown["drop (points)"] = (summary["drop_mean"] * 100).round(2)
@@ -294,7 +294,9 @@ def _sweep(args) -> int:
     print(f"{args.model} on {args.dataset}: {len(summary)} points x {args.trials} trial(s) from seed {args.seed}; "
           f"float model {summary['float_accuracy'].iloc[0]:.2%}")
     print(shown.to_string(index=False))
-    print(f"wrote {Path(args.output) / 'table.csv'}, summary.csv and plots/ there")
+    resumed = len(summary) - table.attrs["computed"]
+    print(f"wrote {Path(args.output) / 'table.csv'}, summary.csv and plots/ there"
+          + (f" ({resumed} of {len(summary)} points were there already)" if resumed else ""))
     return 0
 
 

@@ -20,6 +20,7 @@ plots/accuracy_vs_<axis>.png.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -119,6 +120,8 @@ def sweep(
     Bad input is refused before any work starts; points that fail are named in one
     XCompileError after the others have finished and been saved.
     """
+    import pandas as pd
+
     from xcompile.evaluate import load_dataset
     from xcompile.frontend import load_model
 
@@ -146,16 +149,22 @@ def sweep(
     todo = [p for p in plan.points if p.key not in results.finished]
     tasks = [PointTask(p.key, p.options, _data_source(dataset), trials, seed, batch_size, _data_source(calibration)) for p in todo]
     failures = []
-    with tqdm(total=len(todo) * trials, desc="sweep", unit="trial", disable=None if progress is None else not progress) as bar:
+    with contextlib.ExitStack() as stack:
+        outcomes = _execute(tasks, model_path, scheduler, workers, stack)  # reaches the cluster first
+        if tasks:
+            results.begin(manifest)
+        bar = stack.enter_context(tqdm(total=len(todo) * trials, desc="sweep", unit="trial", disable=None if progress is None else not progress))
         bar.set_postfix_str(f"points {len(results.finished)}/{len(plan.points)}")
-        for task, outcome, error in _execute(tasks, model_path, scheduler, workers):
+        for task, outcome, error in outcomes:
             if error is None:
                 results.add(task.key, outcome)
             else:
                 failures.append((results.point(task.key), error))
             bar.update(trials)
             bar.set_postfix_str(f"points {len(results.finished)}/{len(plan.points)}")
-    table = results.save_tables()
+    results.save_tables()
+    table = pd.read_csv(results.folder / "table.csv")  # as any later reader sees it (an unset option is NaN)
+    table.attrs["computed"] = len(todo) - len(failures)  # the rest were already in the folder
     if plots and not table.empty:
         write_plots(table, plan.axes, results.folder / "plots")
     if failures:
@@ -281,7 +290,8 @@ class Results:
 
     @classmethod
     def open(cls, output: str | os.PathLike, manifest: dict[str, Any], grid: Grid) -> "Results":
-        """Start or resume the sweep in `output`; a folder holding anything else is refused."""
+        """Read the points of this sweep already in `output`; a folder holding anything else is
+        refused. Writes nothing: `begin` does, once the work can start."""
         folder = Path(output)
         path = folder / "manifest.json"
         if folder.exists() and not folder.is_dir():
@@ -294,17 +304,19 @@ class Results:
             _check_same_sweep(folder, previous, manifest)
         elif folder.exists() and any(folder.iterdir()):
             raise XCompileError(f"results folder '{folder}' is not empty and holds no sweep (manifest.json); give an empty or new folder")
-        else:
-            (folder / "points").mkdir(parents=True, exist_ok=True)
-            with atomic_output(path) as temp:
-                temp.write_text(json.dumps(manifest, indent=2))
-        (folder / "points").mkdir(exist_ok=True)
         finished = {}
         for point in grid.points:
             saved = _read_json(folder / "points" / f"{point.key}.json")
             if saved is not None and saved.get("key") == point.key:
                 finished[point.key] = saved["result"]
         return cls(folder, grid, finished)
+
+    def begin(self, manifest: dict[str, Any]) -> None:
+        """Make the folder this sweep's: the manifest first, so nothing is ever written without it."""
+        (self.folder / "points").mkdir(parents=True, exist_ok=True)
+        if not (self.folder / "manifest.json").exists():
+            with atomic_output(self.folder / "manifest.json") as temp:
+                temp.write_text(json.dumps(manifest, indent=2))
 
     def point(self, key: str) -> Point:
         return self._points[key]
@@ -318,13 +330,12 @@ class Results:
         self.finished[key] = result
         self.save_tables()
 
-    def save_tables(self):
-        """table.csv and summary.csv from the finished points; returns the table."""
+    def save_tables(self) -> None:
+        """table.csv and summary.csv from the finished points."""
         table = self.table()
         for name, frame in (("table.csv", table), ("summary.csv", summarize(table))):
             with atomic_output(self.folder / name) as temp:
                 frame.to_csv(temp, index=False)
-        return table
 
     def table(self):
         """One row per finished point and trial, in grid order; swept columns first."""
@@ -413,11 +424,15 @@ def write_plots(table, axes: tuple[Axis, ...], folder: Path) -> list[Path]:
 # ---- execution engines: each yields (task, result, None) or (task, None, error) as points finish
 
 
-def _execute(tasks: list[PointTask], model: Path, scheduler: str | None, workers: int) -> Iterator[tuple[PointTask, dict | None, str | None]]:
+def _execute(
+    tasks: list[PointTask], model: Path, scheduler: str | None, workers: int, stack: contextlib.ExitStack
+) -> Iterator[tuple[PointTask, dict | None, str | None]]:
+    """The outcomes of `tasks` as they finish; a Dask cluster is reached (or started) before
+    this returns, and closed with `stack`."""
     if not tasks:
         return iter(())
     if scheduler is not None:
-        return _dask_results(tasks, model, scheduler, workers)
+        return _dask_results(tasks, model, _dask_client(scheduler, workers, stack))
     if workers == 1:
         return _in_process_results(tasks, model)
     return _pool_results(tasks, model, workers)
@@ -501,36 +516,39 @@ def _pool_pass(tasks, model, width):
     return unfinished, keys
 
 
-def _dask_results(tasks, model, scheduler, workers):
-    """Points as Dask tasks, one per point, on a LocalCluster or the cluster at `scheduler`;
-    the model travels as bytes, so the workers need no shared file system for it."""
-    import contextlib
+def _dask_client(scheduler: str, workers: int, stack: contextlib.ExitStack):
+    """A client of a new LocalCluster ('local', single-threaded workers) or of the running
+    cluster at `scheduler`."""
+    import distributed
 
+    if scheduler == "local":
+        cluster = stack.enter_context(
+            distributed.LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None, silence_logs=40)
+        )
+        return stack.enter_context(distributed.Client(cluster))
+    try:
+        return stack.enter_context(distributed.Client(scheduler, timeout="10s"))
+    except (OSError, TimeoutError, ValueError) as exc:
+        raise XCompileError(f"cannot reach the Dask scheduler at '{scheduler}': {exc}") from None
+
+
+def _dask_results(tasks, model, client):
+    """Points as Dask tasks, one per point; the model travels as bytes, so the workers need no
+    shared file system for it. A task whose worker dies is rerun by Dask elsewhere."""
     import distributed
     import onnx
 
-    with contextlib.ExitStack() as stack:
-        if scheduler == "local":
-            cluster = stack.enter_context(
-                distributed.LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None, silence_logs=40)
-            )
-            client = stack.enter_context(distributed.Client(cluster))
+    model_bytes = client.scatter(onnx.load(str(model)).SerializeToString(), broadcast=True)
+    futures = {client.submit(run_point, task, model_bytes, pure=False): task for task in tasks}
+    for future in distributed.as_completed(futures):
+        task = futures.pop(future)
+        if future.status == "finished":
+            yield task, future.result(), None
+        elif future.status == "error":
+            yield task, None, _describe_error(future.exception())
         else:
-            try:
-                client = stack.enter_context(distributed.Client(scheduler, timeout="30s"))
-            except (OSError, TimeoutError, ValueError) as exc:
-                raise XCompileError(f"cannot reach the Dask scheduler at '{scheduler}': {exc}") from None
-        model_bytes = client.scatter(onnx.load(str(model)).SerializeToString(), broadcast=True)
-        futures = {client.submit(run_point, task, model_bytes, pure=False): task for task in tasks}
-        for future in distributed.as_completed(futures):
-            task = futures.pop(future)
-            if future.status == "finished":
-                yield task, future.result(), None
-            elif future.status == "error":
-                yield task, None, _describe_error(future.exception())
-            else:
-                yield task, None, f"the Dask task ended {future.status}"
-            future.release()
+            yield task, None, f"the Dask task ended {future.status}"
+        future.release()
 
 
 def _describe_error(exc: BaseException) -> str:
@@ -559,7 +577,7 @@ def _plots_available() -> bool:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        warnings.warn("the sweep writes no plots: they need matplotlib (pip install 'xcompile[plots]')", stacklevel=3)
+        warnings.warn("the sweep writes no plots: they need matplotlib (pip install matplotlib)", stacklevel=3)
         return False
     return True
 
@@ -594,7 +612,7 @@ def _data_identity(source: str | os.PathLike) -> dict[str, Any]:
 
 
 def _check_same_sweep(folder: Path, previous: dict[str, Any], manifest: dict[str, Any]) -> None:
-    """Refuse to mix: the folder must hold this very sweep (model, data, grid, trials, seed)."""
+    """Refuse to mix: the folder must hold this very sweep (model, data, points, trials, seed)."""
     if previous.get("format") != MANIFEST_FORMAT:
         raise XCompileError(f"results folder '{folder}': manifest.json is not an xcompile sweep manifest ({MANIFEST_FORMAT})")
 
@@ -612,13 +630,34 @@ def _check_same_sweep(folder: Path, previous: dict[str, Any], manifest: dict[str
         (what, previous.get(key), manifest[key], f" ({previous.get(key)} there, {manifest[key]} here)")
         for what, key in (("number of trials", "trials"), ("first seed", "seed"), ("batch size", "batch_size"))
     ]
-    checks.append(("grid", (previous.get("grid"), previous.get("points")), (_jsonable(manifest["grid"]), manifest["points"]), ""))
+    # a point's key digests its resolved options: the same set of keys is the same grid, however written
+    there = sorted(previous.get("points") or [])
+    checks.append(("grid", there, sorted(manifest["points"]), _grid_difference(previous.get("grid"), _jsonable(manifest["grid"]))))
     for what, there, here, detail in checks:
         if there != here:
             raise XCompileError(
                 f"results folder '{folder}' holds a sweep with a different {what}{detail}; "
                 "give another output folder, or delete that one to start over"
             )
+
+
+def _grid_difference(there: dict | None, here: dict) -> str:
+    """The first entry in which two grids (Grid.describe) differ, as the user wrote them."""
+
+    def shown(settings):
+        if settings is None:
+            return "not set"
+        if isinstance(settings, list) and all(len(s) == 1 for s in settings):
+            return repr([next(iter(s.values())) for s in settings])
+        return repr(settings)
+
+    there = there if isinstance(there, dict) else {}
+    for section, key in (("fixed", "fixed"), ("grid", "axes")):
+        old, new = there.get(key) or {}, here[key]
+        for name in [*old, *(n for n in new if n not in old)]:
+            if old.get(name) != new.get(name):
+                return f" ([{section}] {name}: {shown(old.get(name))} there, {shown(new.get(name))} here)"
+    return " (its points resolve to other options: did a hardware file change?)"
 
 
 def _read_json(path: Path) -> dict | None:

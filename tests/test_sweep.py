@@ -1,0 +1,281 @@
+"""Parameter sweeps: bad grids refused before any work, the same table from every engine (this
+process, a process pool, a real Dask cluster on loopback), resuming, and failures that lose
+nothing else."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import xcompile
+from xcompile.cli import main
+
+sweep_module = importlib.import_module("xcompile.sweep")  # `xcompile.sweep` is the function
+run_point = sweep_module.run_point
+MODELS = Path(__file__).resolve().parent.parent / "models"
+MLP = MODELS / "digits_mlp.onnx"
+GRID = {"grid": {"r_wire": [0.0, 2.5], "encoding": ["dual", "acm"]}, "fixed": {"variation": "lognormal", "sigma": 0.05}}
+GRID_TOML = '[grid]\nr_wire = [0.0, 2.5]\nencoding = ["dual", "acm"]\n[fixed]\nvariation = "lognormal"\nsigma = 0.05\n'
+RUN = {"dataset": "digits", "trials": 2, "seed": 3, "batch_size": 512, "progress": False}
+
+
+def comparable(table: pd.DataFrame) -> pd.DataFrame:
+    """The table without its wall-clock columns, which differ from run to run."""
+    return table.drop(columns=list(sweep_module.TIMING_COLUMNS)).reset_index(drop=True)
+
+
+def files_of(folder: Path) -> dict[str, tuple[int, bytes]]:
+    return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The small grid run in this process: (results folder, table)."""
+    folder = tmp_path_factory.mktemp("sweep") / "reference"
+    table = xcompile.sweep(MLP, GRID, output=folder, workers=1, **RUN)
+    return folder, table
+
+
+def counting_run_point(monkeypatch, fail_after: int | None = None, error: BaseException | None = None) -> list:
+    """Replace run_point (in-process runs) by one that records the points it computes and,
+    after `fail_after` of them, raises `error`."""
+    calls = []
+
+    def counting(task, model):
+        if fail_after is not None and len(calls) >= fail_after:
+            raise error
+        calls.append(task.key)
+        return run_point(task, model)
+
+    monkeypatch.setattr(sweep_module, "run_point", counting)
+    return calls
+
+
+def test_table_has_a_row_per_point_and_trial_and_the_documented_columns(reference):
+    folder, table = reference
+    assert len(table) == 4 * RUN["trials"]
+    assert list(table.columns[:4]) == ["point", "point_key", "r_wire", "encoding"]
+    for column in ("sigma", "rows", "weight_bits", "accuracy", "drop", "adc_clipped", "cells", "crossbars_used", "writes",
+                   "compile_seconds", "run_seconds", "trial_seed"):
+        assert column in table.columns
+    assert sorted(set(table["trial_seed"])) == [3, 4]
+    assert (table["drop"] == table["float_accuracy"] - table["accuracy"]).all()
+    dual = table[table["encoding"] == "dual"]["cells"].iloc[0]
+    acm = table[table["encoding"] == "acm"]["cells"].iloc[0]
+    assert acm < dual  # N + 1 columns per tile instead of 2N
+    on_disk = pd.read_csv(folder / "table.csv")
+    pd.testing.assert_frame_equal(comparable(on_disk), comparable(table), check_dtype=False)
+    summary = pd.read_csv(folder / "summary.csv")
+    assert len(summary) == 4 and {"accuracy_mean", "accuracy_std", "drop_mean", "adc_clipped_mean", "trials"} <= set(summary.columns)
+    first = table[table["point"] == 0]["accuracy"]
+    assert summary["accuracy_mean"].iloc[0] == pytest.approx(first.mean())
+    assert summary["accuracy_std"].iloc[0] == pytest.approx(first.std(ddof=1))
+    assert sorted(p.name for p in (folder / "plots").iterdir()) == ["accuracy_vs_encoding.png", "accuracy_vs_r_wire.png"]
+    assert len(list((folder / "points").glob("*.json"))) == 4
+
+
+@pytest.mark.parametrize(
+    "grid, key",
+    [
+        ({"grid": {"r_wir": [0.0, 1.0]}}, "'r_wir'"),
+        ({"grid": {"r_wire": [0.0, -1.0]}}, "r_wire = -1.0"),
+        ({"grid": {"encoding": ["dual", "quad"]}}, "encoding = 'quad'"),
+        ({"grid": {"r_wire": 1.0}}, "r_wire must be a non-empty list"),
+        ({"grid": {"r_wire": [0.0, 0]}}, "r_wire repeats a value"),
+        ({"grid": {"r_wire": [0.0]}, "fixed": {"r_wire": 1.0}}, "'r_wire' is both swept"),
+        ({"grid": {"size": {"rows": [32, 64], "cols": [32]}}}, "size links options"),
+        ({"grid": {"r_wire": [0.0]}, "fixed": {"sigmaa": 0.1}}, "'sigmaa' in [fixed]"),
+        ({"grid": {"sigma": [0.0, 0.1]}}, "sigma = 0.1"),
+        ({"grid": {"remap": ["none", "dynamic"]}}, "remap = 'dynamic'"),
+        ({"grids": {"r_wire": [0.0]}}, "'grids'"),
+        ({"fixed": {"r_wire": 1.0}}, "[grid] must name"),
+    ],
+    ids=["unknown", "negative", "choice", "not-a-list", "repeat", "swept-and-fixed", "linked-lengths", "unknown-fixed",
+         "combination", "needs-calibration", "section", "no-grid"],
+)
+def test_bad_grid_is_refused_naming_the_key_before_any_work(tmp_path, monkeypatch, grid, key):
+    calls = counting_run_point(monkeypatch)
+    out = tmp_path / "results"
+    with pytest.raises(xcompile.XCompileError) as error:
+        xcompile.sweep(MLP, grid, output=out, workers=1, **RUN)
+    assert key in str(error.value)
+    assert not calls and not out.exists()
+
+
+def test_bad_grid_file_on_the_command_line_is_one_line_exit_2(tmp_path):
+    grid = tmp_path / "grid.toml"
+    grid.write_text("[grid]\nr_wire = [0.0, 1.0]\nencoding = ['dual', 'quad']\n")
+    out = tmp_path / "results"
+    result = subprocess.run(
+        [sys.executable, "-m", "xcompile.cli", "sweep", str(MLP), "--grid", str(grid), "--dataset", "digits", "-o", str(out)],
+        capture_output=True, text=True,
+    )
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(lines) == 1 and lines[0].startswith(f"xcompile: error: grid '{grid}'") and "encoding = 'quad'" in lines[0]
+    assert not out.exists()
+
+
+def test_process_pool_gives_the_same_table(reference, tmp_path):
+    table = xcompile.sweep(MLP, GRID, output=tmp_path / "pool", workers=2, **RUN)
+    pd.testing.assert_frame_equal(comparable(table), comparable(reference[1]))
+
+
+@pytest.fixture
+def dask_cluster(tmp_path):
+    """A real Dask cluster on loopback: a scheduler and two single-threaded workers, each its own
+    process; stopped at the end, also when the test fails."""
+    distributed = pytest.importorskip("distributed")
+    scheduler_file = tmp_path / "scheduler.json"
+    common = ["--no-dashboard"]
+    processes = [subprocess.Popen(
+        [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", "0",
+         "--scheduler-file", str(scheduler_file), *common],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )]
+    try:
+        deadline = time.monotonic() + 60
+        while not scheduler_file.exists():
+            assert processes[0].poll() is None and time.monotonic() < deadline, "the Dask scheduler did not start"
+            time.sleep(0.1)
+        address = json.loads(scheduler_file.read_text())["address"]
+        assert address.startswith("tcp://127.0.0.1:")
+        for i in range(2):
+            processes.append(subprocess.Popen(
+                [sys.executable, "-m", "distributed.cli.dask_worker", address, "--nthreads", "1", "--no-nanny", "--name", f"w{i}",
+                 "--local-directory", str(tmp_path / "workers"), *common],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            ))
+        with distributed.Client(address, timeout="30s") as client:
+            client.wait_for_workers(2, timeout=60)
+        yield address
+    finally:  # the workers first: a worker whose scheduler is gone waits to reconnect
+        for process in reversed(processes):
+            process.terminate()
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def test_dask_cluster_gives_the_same_table(reference, dask_cluster, tmp_path, capsys):
+    grid = tmp_path / "grid.toml"
+    grid.write_text(GRID_TOML)
+    out = tmp_path / "dask"
+    argv = ["sweep", str(MLP), "--grid", str(grid), "--dataset", "digits", "--trials", "2", "--seed", "3",
+            "--batch-size", "512", "-o", str(out), "-q", "--scheduler", dask_cluster]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "4 points x 2 trial(s) from seed 3" in printed
+    pd.testing.assert_frame_equal(comparable(pd.read_csv(out / "table.csv")), comparable(pd.read_csv(reference[0] / "table.csv")))
+
+
+def test_local_cluster_runs_the_same_points(reference, tmp_path):
+    pytest.importorskip("distributed")
+    one = {"grid": {"r_wire": [2.5]}, "fixed": {"encoding": "acm", "variation": "lognormal", "sigma": 0.05}}
+    table = xcompile.sweep(MLP, one, output=tmp_path / "local", scheduler="local", workers=1, **RUN)
+    expected = reference[1][(reference[1]["r_wire"] == 2.5) & (reference[1]["encoding"] == "acm")]
+    assert list(table["accuracy"]) == list(expected["accuracy"])
+    assert list(table["point_key"]) == list(expected["point_key"])  # the same options are the same point
+
+
+def test_rerun_computes_nothing_and_rewrites_no_point(reference, monkeypatch):
+    folder, table = reference
+    before = {name: entry for name, entry in files_of(folder).items() if name.startswith("points")}
+    calls = counting_run_point(monkeypatch)
+    again = xcompile.sweep(MLP, GRID, output=folder, workers=1, **RUN)
+    assert calls == [] and again.attrs["computed"] == 0
+    assert {name: entry for name, entry in files_of(folder).items() if name.startswith("points")} == before
+    pd.testing.assert_frame_equal(again, table)
+
+
+def test_interrupted_sweep_keeps_what_finished_and_resumes(reference, tmp_path, monkeypatch):
+    out = tmp_path / "interrupted"
+    calls = counting_run_point(monkeypatch, fail_after=2, error=KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        xcompile.sweep(MLP, GRID, output=out, workers=1, **RUN)
+    assert len(calls) == 2 and sorted(p.stem for p in (out / "points").glob("*.json")) == sorted(calls)
+    assert not [p for p in out.rglob("*") if p.name.startswith(".")]  # no half-written file
+    assert len(pd.read_csv(out / "table.csv")) == 2 * RUN["trials"]
+    finished = list(calls)
+    calls = counting_run_point(monkeypatch)
+    table = xcompile.sweep(MLP, GRID, output=out, workers=1, **RUN)
+    assert len(calls) == 2 and not set(calls) & set(finished) and table.attrs["computed"] == 2
+    pd.testing.assert_frame_equal(comparable(table), comparable(reference[1]))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"model": MODELS / "digits_cnn.onnx"}, "different model (digits_mlp.onnx"),
+        ({"grid": {**GRID, "grid": {**GRID["grid"], "r_wire": [0.0, 1.0]}}}, "different grid ([grid] r_wire: [0.0, 2.5] there, [0.0, 1.0] here)"),
+        ({"grid": {**GRID, "fixed": {"variation": "lognormal", "sigma": 0.1}}}, "different grid ([fixed] sigma: 0.05 there, 0.1 here)"),
+        ({"trials": 3}, "different number of trials (2 there, 3 here)"),
+        ({"seed": 0}, "different first seed (3 there, 0 here)"),
+    ],
+    ids=["model", "grid", "fixed", "trials", "seed"],
+)
+def test_results_folder_of_another_sweep_is_refused_untouched(reference, monkeypatch, change, message):
+    folder = reference[0]
+    before = files_of(folder)
+    calls = counting_run_point(monkeypatch)
+    arguments = {"model": MLP, "grid": GRID, **RUN, **change}
+    with pytest.raises(xcompile.XCompileError) as error:
+        xcompile.sweep(arguments.pop("model"), arguments.pop("grid"), output=folder, workers=1, **arguments)
+    assert message in str(error.value) and str(folder) in str(error.value)
+    assert not calls and files_of(folder) == before
+
+
+def test_the_same_grid_written_in_another_order_resumes(reference, monkeypatch):
+    calls = counting_run_point(monkeypatch)
+    reordered = {"fixed": {"sigma": 0.05, "variation": "lognormal"}, "grid": {"encoding": ["dual", "acm"], "r_wire": [0.0, 2.5]}}
+    table = xcompile.sweep(MLP, reordered, output=reference[0], workers=1, **RUN)
+    assert not calls and len(table) == len(reference[1]) and list(table.columns[2:4]) == ["encoding", "r_wire"]
+
+
+def test_folder_that_holds_something_else_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(xcompile.XCompileError, match="not empty and holds no sweep"):
+        xcompile.sweep(MLP, GRID, output=tmp_path, workers=1, **RUN)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_a_point_that_fails_to_compile_loses_no_other_point(tmp_path):
+    # ACM cannot fit the MLP's suffix sums in 2-bit cells: valid options, an error at compile time
+    grid = {"grid": {"encoding": ["dual", "acm"]}, "fixed": {"weight_bits": 2, "cell_bits": 2}}
+    out = tmp_path / "failing"
+    with pytest.raises(xcompile.XCompileError) as error:
+        xcompile.sweep(MLP, grid, output=out, workers=1, **RUN)
+    message = str(error.value)
+    assert "1 of 2 sweep points failed" in message and "point 1 (encoding = 'acm')" in message and "ACM cannot hold" in message
+    table = pd.read_csv(out / "table.csv")
+    assert set(table["encoding"]) == {"dual"} and len(table) == RUN["trials"]
+    assert len(list((out / "points").glob("*.json"))) == 1
+
+
+def _run_or_die(task, model):
+    """Stands in for the pool's worker function: the ACM points kill their worker process, as a
+    crash in native code would."""
+    sweep_module._started.put(task.key)
+    if task.options["encoding"] == "acm":
+        os._exit(3)
+    return run_point(task, model)
+
+
+def test_a_worker_process_that_dies_loses_no_other_point(tmp_path, monkeypatch):
+    monkeypatch.setattr(sweep_module, "_run_point_in_pool", _run_or_die)
+    grid = {"grid": {"encoding": ["dual", "acm", "offset"]}}
+    out = tmp_path / "dying"
+    with pytest.warns(UserWarning, match="worker process died"), pytest.raises(xcompile.XCompileError) as error:
+        xcompile.sweep(MLP, grid, output=out, workers=2, **{**RUN, "trials": 1})
+    assert "1 of 3 sweep points failed (point 1 (encoding = 'acm'): its worker process died, also when the point ran alone)" in str(error.value)
+    assert sorted(pd.read_csv(out / "table.csv")["encoding"]) == ["dual", "offset"]
