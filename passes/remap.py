@@ -47,7 +47,7 @@ from xcompile.runtime.physics import effective_conductance
 
 NAME = "remap"
 TAYLOR_STEP = 0.01  # relative gain step of the central difference
-DYNAMIC_ROUNDS = 4  # search rounds per layer at most
+DYNAMIC_ROUNDS = 12  # a cap only: a layer's search stops at the first round without gain
 DYNAMIC_CANDIDATES = 6  # placements simulated per round
 SEARCH_SEED = 0  # seeds the random transpositions: the same model compiles to the same placement
 
