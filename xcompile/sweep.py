@@ -113,7 +113,8 @@ def sweep(
     """Compile every grid point once, evaluate it over `trials` seeds (trial t: seed + t), and
     return the tidy table (pandas DataFrame, one row per point and trial; docs/sweep.md).
 
-    Points already in `output` are not recomputed. scheduler: None runs on `workers` local
+    Points already in `output` are not recomputed (`table.attrs["computed"]` counts the ones
+    this call computed). scheduler: None runs on `workers` local
     processes (default all cores; 1 runs in this process), 'local' starts a Dask LocalCluster
     with `workers` workers, anything else is the address of a running Dask scheduler.
     calibration: data for points whose compile measures the model (remap 'dynamic', ...).
@@ -519,12 +520,17 @@ def _pool_pass(tasks, model, width):
 def _dask_client(scheduler: str, workers: int, stack: contextlib.ExitStack):
     """A client of a new LocalCluster ('local', single-threaded workers) or of the running
     cluster at `scheduler`."""
+    import dask
     import distributed
 
     if scheduler == "local":
-        cluster = stack.enter_context(
-            distributed.LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None, silence_logs=40)
-        )
+        # Dask's nanny sets MALLOC_TRIM_THRESHOLD_ in its workers (and in this process): freed
+        # memory goes back to the OS at once, so a trial's large temporaries fault in anew every
+        # time: trials ran ~25 % slower, and so did a process pool started after the cluster
+        with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
+            cluster = stack.enter_context(
+                distributed.LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None, silence_logs=40)
+            )
         return stack.enter_context(distributed.Client(cluster))
     try:
         return stack.enter_context(distributed.Client(scheduler, timeout="10s"))
