@@ -25,9 +25,12 @@ R^2 C^2 for the carried responses; at 128 x 128 the inverses are about 2/3 of th
 
 from __future__ import annotations
 
+import functools
+
 import numba
 import numpy as np
 from scipy.linalg import lapack
+from threadpoolctl import ThreadpoolController
 
 
 def effective_conductance(G, r_wire: float, r_source: float = 0.0, r_sink: float = 0.0) -> np.ndarray:
@@ -68,22 +71,34 @@ def effective_conductance(G, r_wire: float, r_source: float = 0.0, r_sink: float
     product = np.empty((cols, last + 1))
     S = np.empty((cols, cols))
     S_inv = np.zeros((cols, cols))
-    for i in range(rows):
-        coupling = gw * gw if 0 < i <= last else 0.0
-        _schur_row(lower[i], diagonal[i], upper[i], G[i], D_prime[i], source_gain, vertical[i], S_inv, coupling, S, r[i])
-        if i > last:
-            continue
-        S_inv = _spd_inverse(S)
-        carried[:, :i] *= gw
-        carried[:, i] = r[i]
-        np.matmul(S_inv, carried[:, : i + 1], out=product[:, : i + 1])
-        carried, product = product, carried
+    with _single_threaded_blas():
+        for i in range(rows):
+            coupling = gw * gw if 0 < i <= last else 0.0
+            _schur_row(lower[i], diagonal[i], upper[i], G[i], D_prime[i], source_gain, vertical[i], S_inv, coupling, S, r[i])
+            if i > last:
+                continue
+            S_inv = _spd_inverse(S)
+            carried[:, :i] *= gw
+            carried[:, i] = r[i]
+            np.matmul(S_inv, carried[:, : i + 1], out=product[:, : i + 1])
+            carried, product = product, carried
     out_gain = gw if grounded_sink else 1.0 / r_sink  # current into ground from the last unknown row
     result = np.empty((rows, cols))
     result[: last + 1] = out_gain * carried.T
     if grounded_sink:  # the last row's cells feed the grounded bit-line nodes directly (all of them for one row)
         result[rows - 1] = r[rows - 1]
     return result
+
+
+@functools.cache
+def _blas_controller() -> ThreadpoolController:
+    return ThreadpoolController()
+
+
+def _single_threaded_blas():
+    """One BLAS thread per block: numpy's and SciPy's OpenBLAS each keep a thread pool, and on
+    C x C blocks their threads spin against each other (128 x 128: 20x slower on two cores)."""
+    return _blas_controller().limit(limits=1, user_api="blas")
 
 
 def _spd_inverse(S: np.ndarray) -> np.ndarray:
