@@ -141,3 +141,16 @@ def test_interrupted_overwrite_keeps_the_old_file(mapping, saved, monkeypatch):
         mapping.save(saved)
     assert saved.read_bytes() == before
     assert [p.name for p in saved.parent.iterdir()] == [saved.name]
+
+
+def test_saved_file_has_an_ordinary_files_permissions(mapping, tmp_path):
+    """Written through a private temporary file, but readable by others as any new file is."""
+    import os
+    import stat
+
+    previous = os.umask(0o022)
+    try:
+        mapping.save(tmp_path / "shared.bin")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "shared.bin").stat().st_mode) == 0o644

@@ -25,7 +25,15 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
         yield Path(temp)
         with open(temp, "rb+") as handle:
             os.fsync(handle.fileno())
+        os.chmod(temp, 0o666 & ~_umask())  # mkstemp makes it owner-only; give it an ordinary file's mode
         os.replace(temp, target)
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    """The process umask (reading it means setting it, so set it straight back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
