@@ -5,6 +5,8 @@ recombination are linear, so the layer collapses once to one effective matrix pe
 MVM is one GEMM. Otherwise each row block of tiles is one matrix of exact effective conductances
 G_eff (devices drawn for this trial, then the wire network solved), computed once and reused for
 every input: an MVM is DAC -> GEMM per row block (and per input pass / bit) -> ADC + combine.
+The GEMMs run in ONNX Runtime (one small graph per layer, the conductances its constants): its
+MatMul packs constant weights once and is faster than numpy's BLAS on these shapes.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
 from threadpoolctl import ThreadpoolController
 
 from xcompile.config import Hardware
@@ -67,6 +71,9 @@ class ProgrammedLayer:
         self.block_acc, self.block_out, self.block_outputs = _column_blocks(layer)
         self.acc_columns = int(self.block_acc[-1] + layer.encoding.columns_used(int(self.block_outputs[-1])))
         self.blocks = _program_blocks(layer, hardware, level_max, self.block_acc, np.random.default_rng([seed, layer.index]))
+        self._array_reads = _ArrayReads(self.blocks)
+        self._no_bias = np.zeros(layer.outputs)
+        self._crossbar_bias = self._no_bias if self.bias is None else layer.to_crossbar_order(self.bias)
         # y = s * sum(coeff * I) * this, s the input vector's range (see runtime/converters.py)
         self.output_factor = level_max * layer.scale / (hardware.v_read * (hardware.g_on - hardware.g_off))
 
@@ -97,9 +104,12 @@ class ProgrammedLayer:
             self.input_range = 1.0
 
     def forward(self, rows: np.ndarray, add_bias: bool = True) -> np.ndarray:
+        """Outputs [P, N] in the rows' precision (float32 like ONNX Runtime, or float64)."""
         rows = self.layer.order_inputs(rows)  # sorted weight sections: inputs in crossbar row order
-        y = self.layer.restore_order(self._collapsed(rows) if self.ideal else self._crossbar(rows))
-        return self.add_bias(y) if add_bias else y
+        if self.ideal:
+            y = self.layer.restore_order(self._collapsed(rows))
+            return self.add_bias(y) if add_bias else y
+        return self.layer.restore_order(self._crossbar(rows, self._crossbar_bias if add_bias else self._no_bias))
 
     def add_bias(self, y: np.ndarray) -> np.ndarray:
         """y + bias, in place, in y's precision."""
@@ -117,37 +127,31 @@ class ProgrammedLayer:
         y = np.matmul(x.reshape(-1, groups, kg).transpose(1, 0, 2), weights)
         return y.transpose(1, 0, 2).reshape(x.shape[0], groups * ng)
 
-    def _crossbar(self, rows: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(rows, dtype=np.float64)
-        if not np.isfinite(x).all():
-            raise XCompileError(f"layer '{self.layer.name}': the input holds NaN or infinite values")
-        scale = self._input_scale(x)
-        out = np.zeros((x.shape[0], self.layer.outputs), dtype=np.float64)
-        acc = np.zeros((x.shape[0], self.acc_columns), dtype=np.float32)
+    def _crossbar(self, rows: np.ndarray, bias: np.ndarray) -> np.ndarray:
+        x = rows if rows.dtype in (np.float32, np.float64) else rows.astype(np.float64)
+        out = np.empty((x.shape[0], self.layer.outputs), dtype=x.dtype)
         clipped = np.zeros(x.shape[0], dtype=np.int64)
         noise = self._noise_rng.spawn(1)[0] if self.hw.read_noise > 0 else None
         chunks = _chunks(x.shape[0])
-        if len(chunks) == 1 or self.calibrating:
-            self._chunk(x, scale, acc, out, clipped, noise)
+        if len(chunks) == 1 or self.calibrating:  # calibration sees the whole batch at once
+            reads = [self._chunk(x, bias, out, clipped, noise)]
         else:
             seeds = noise.spawn(len(chunks)) if noise is not None else [None] * len(chunks)
             with _single_threaded_blas():
-                list(_pool().map(lambda c, r: self._chunk(x[c], scale[c], acc[c], out[c], clipped[c], r), chunks, seeds))
+                reads = list(_pool().map(lambda c, r: self._chunk(x[c], bias, out[c], clipped[c], r), chunks, seeds))
         self.clipped += int(clipped.sum())
         if self.hw.adc_bits > 0 and not self.calibrating:
-            self.conversions += x.shape[0] * self._conversions_per_vector(x)
-        out *= (scale * self.output_factor)[:, None]
+            self.conversions += sum(reads) * sum(block.conductance.shape[1] for block in self.blocks)
         return out
 
-    def _conversions_per_vector(self, x: np.ndarray) -> int:
-        columns = sum(block.conductance.shape[1] for block in self.blocks)
-        passes = self.hw.dac_bits if self.hw.input_mode == "bit_serial" else 1
-        return columns * passes * (2 if (x < 0).any() else 1)
-
-    def _chunk(self, x, scale, acc, out, clipped, noise) -> None:
-        """DAC, array reads, ADC and recombination for a slice of the batch (on a worker thread)."""
+    def _chunk(self, x, bias, out, clipped, noise) -> int:
+        """DAC, array reads, ADC and recombination for a slice of the batch (on a worker thread),
+        written into out; returns the vector reads it took (vectors x input passes)."""
         hw = self.hw
+        scale = self._input_scale(x)
+        acc = np.zeros((x.shape[0], self.acc_columns), dtype=np.float32)
         dac_levels = float(2**hw.dac_bits - 1) if hw.dac_bits else 0.0
+        passes = 0
         if hw.input_mode == "bit_serial":
             plane = np.empty(x.shape, dtype=np.float32)
             for sign in (1.0, -1.0):
@@ -156,20 +160,27 @@ class ProgrammedLayer:
                 for bit in range(hw.dac_bits):
                     kernels.bit_plane(x, scale, dac_levels, sign, bit, plane)
                     self._read(plane, sign * 2.0**bit / dac_levels, acc, clipped, noise)
+                    passes += 1
         else:
             positive = np.empty(x.shape, dtype=np.float32)
             negative = np.empty(x.shape, dtype=np.float32)
             if kernels.dac_split(x, scale, dac_levels, positive, negative):
                 self._read(negative, -1.0, acc, clipped, noise)
+                passes += 1
             self._read(positive, 1.0, acc, clipped, noise)
+            passes += 1
         enc = self.layer.encoding
         kernels.combine(
-            acc, self.block_acc, self.block_out, self.block_outputs, enc.term_offset, enc.term_step, enc.term_coeff, out
+            acc, self.block_acc, self.block_out, self.block_outputs, enc.term_offset, enc.term_step, enc.term_coeff,
+            scale * self.output_factor, bias, out,
         )
+        return passes * x.shape[0]
 
     def _input_scale(self, x: np.ndarray) -> np.ndarray:
         """The range s of every input vector: its own max |x|, or the calibrated layer range."""
-        per_vector = np.abs(x).max(axis=1)
+        per_vector = np.abs(x).max(axis=1).astype(np.float64)
+        if not np.isfinite(per_vector).all():  # max propagates NaN and inf
+            raise XCompileError(f"layer '{self.layer.name}': the input holds NaN or infinite values")
         if self.hw.dac_range == "absmax" or self.calibrating:
             if self.calibrating:
                 self.input_range = max(self.input_range, float(per_vector.max(initial=0.0)))
@@ -179,10 +190,9 @@ class ProgrammedLayer:
     def _read(self, voltages, weight, acc, clipped, noise) -> None:
         """One array read of every row block with these normalised voltages, then the ADC."""
         convert = self.hw.adc_bits > 0 and not self.calibrating
-        for block in self.blocks:
-            v = voltages[:, block.rows[0] : block.rows[1]]
-            currents = v @ block.conductance
+        for block, currents in zip(self.blocks, self._array_reads(voltages)):
             if block.noise_variance is not None:
+                v = voltages[:, block.rows[0] : block.rows[1]]
                 spread = np.sqrt(np.square(v) @ block.noise_variance)
                 currents += spread * noise.standard_normal(currents.shape, dtype=np.float32)
             if self.calibrating:
@@ -191,6 +201,61 @@ class ProgrammedLayer:
                 currents, convert, block.inverse_full_scale, block.step, np.float32(self.adc_levels),
                 self.hw.adc_nonlinearity, block.tile_base, block.tile_acc, block.tile_columns, np.float32(weight), acc, clipped,
             )
+
+
+class _ArrayReads:
+    """The array reads of a layer's row blocks: voltages [P, K] -> one current matrix per row
+    block, as ONNX Runtime graphs (Split, then a MatMul per block with its conductances as a
+    constant). Blocks are grouped so that no graph passes protobuf's 2 GB limit. Single-threaded
+    sessions: the runtime's own threads run batch chunks side by side."""
+
+    GROUP_BYTES = 2**30
+
+    def __init__(self, blocks: list[_RowBlock]):
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        self._groups = []
+        for first, last in _byte_groups([block.conductance.nbytes for block in blocks], self.GROUP_BYTES):
+            group = blocks[first:last]
+            model = _reads_model(group)
+            session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+            self._groups.append((session, group[0].rows[0], group[-1].rows[1]))
+
+    def __call__(self, voltages: np.ndarray) -> list[np.ndarray]:
+        currents = []
+        for session, r0, r1 in self._groups:
+            currents += session.run(None, {"v": np.ascontiguousarray(voltages[:, r0:r1])})
+        return currents
+
+
+def _byte_groups(sizes: list[int], limit: int) -> list[tuple[int, int]]:
+    """Consecutive [first, last) index ranges whose sizes add up to at most `limit` (at least one each)."""
+    groups, first, total = [], 0, 0
+    for i, size in enumerate(sizes):
+        if i > first and total + size > limit:
+            groups.append((first, i))
+            first, total = i, 0
+        total += size
+    return groups + [(first, len(sizes))]
+
+
+def _reads_model(blocks: list[_RowBlock]):
+    """v [P, rows of the blocks] -> currents i0, i1, ... [P, columns of each block]."""
+    rows = [block.rows[1] - block.rows[0] for block in blocks]
+    constants = [numpy_helper.from_array(block.conductance, f"g{b}") for b, block in enumerate(blocks)]
+    if len(blocks) == 1:
+        nodes, voltages = [], ["v"]
+    else:
+        voltages = [f"v{b}" for b in range(len(blocks))]
+        nodes = [helper.make_node("Split", ["v", "rows"], voltages, axis=1)]
+        constants.append(numpy_helper.from_array(np.array(rows, dtype=np.int64), "rows"))
+    nodes += [helper.make_node("MatMul", [v, f"g{b}"], [f"i{b}"]) for b, v in enumerate(voltages)]
+    currents = [helper.make_tensor_value_info(f"i{b}", TensorProto.FLOAT, ["P", block.conductance.shape[1]]) for b, block in enumerate(blocks)]
+    graph = helper.make_graph(
+        nodes, "xcompile_array_reads", [helper.make_tensor_value_info("v", TensorProto.FLOAT, ["P", sum(rows)])], currents, constants
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
 def _column_blocks(layer: Layer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -82,13 +82,25 @@ def convert_accumulate(currents, convert, inverse_full_scale, step, levels, alph
 
 
 @numba.njit(nogil=True, cache=True)
-def combine(acc, block_acc, block_out, block_outputs, term_offset, term_step, term_coeff, out):
-    """out[p, block_out[b] + j] += sum_k coeff_k * acc[p, block_acc[b] + offset_k + step_k * j]."""
+def combine(acc, block_acc, block_out, block_outputs, term_offset, term_step, term_coeff, row_factor, bias, out):
+    """out[p, block_out[b] + j] = row_factor[p] * sum_k coeff_k * acc[p, block_acc[b] + offset_k + step_k * j] + bias.
+
+    Each output row is summed in float64 and rounded once into out (float32 or float64). Column
+    blocks own disjoint outputs, so the first term of each block writes and the others add.
+    """
+    line = np.empty(out.shape[1])
     for p in range(acc.shape[0]):
-        row, target = acc[p], out[p]
+        row, factor = acc[p], row_factor[p]
         for b in range(block_acc.size):
-            into = target[block_out[b] : block_out[b] + block_outputs[b]]
+            into = line[block_out[b] : block_out[b] + block_outputs[b]]
             for k in range(term_offset.size):
-                start, stride, factor = block_acc[b] + term_offset[k], term_step[k], term_coeff[k]
-                for j in range(block_outputs[b]):
-                    into[j] += factor * row[start + stride * j]
+                start, stride, coeff = block_acc[b] + term_offset[k], term_step[k], factor * term_coeff[k]
+                if k == 0:
+                    for j in range(block_outputs[b]):
+                        into[j] = coeff * row[start + stride * j]
+                else:
+                    for j in range(block_outputs[b]):
+                        into[j] += coeff * row[start + stride * j]
+        target = out[p]
+        for j in range(line.size):
+            target[j] = line[j] + bias[j]

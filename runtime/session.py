@@ -237,9 +237,10 @@ class _LayerRunner:
             self.recorder(rows)
 
     def _forward(self, rows: np.ndarray, add_bias: bool = True) -> np.ndarray:
+        if self.tap is None:
+            return self.crossbar.forward(rows, add_bias)
         y = self.crossbar.forward(rows, add_bias=False)
-        if self.tap is not None:
-            self.tap(rows, y)
+        self.tap(rows, y)
         return self.crossbar.add_bias(y) if add_bias else y
 
 

@@ -40,6 +40,26 @@ def test_fine_converters_on_the_crossbar_path_reproduce_onnxruntime(cnn, batch, 
     assert _relative(session.run(None, {"x": batch})[0], reference) < 1e-5
 
 
+def test_array_reads_split_into_several_graphs_compute_the_same(monkeypatch):
+    """Row blocks past the protobuf size limit go to further ONNX Runtime graphs; the layer's
+    numbers must not depend on how its row blocks are grouped."""
+    from xcompile.runtime import crossbar
+
+    mapping = xcompile.compile_model(dense(40, 30, seed=6), progress=False, rows=8, cols=8)
+    x = np.random.default_rng(1).normal(size=(300, 40)).astype(np.float32)
+
+    def run():
+        session = xcompile.Session(mapping, seed=2, variation="lognormal", sigma=0.1, calibration={"x": x})
+        return session, session.run(None, {"x": x})[0]
+
+    together, expected = run()
+    monkeypatch.setattr(crossbar._ArrayReads, "GROUP_BYTES", 1)
+    apart, got = run()
+    assert len(together._layers[0].crossbar._array_reads._groups) == 1
+    assert len(apart._layers[0].crossbar._array_reads._groups) == len(apart._layers[0].crossbar.blocks) == 5
+    np.testing.assert_array_equal(got, expected)
+
+
 def test_quantised_weights_on_ideal_hardware_equal_the_integer_model():
     model = dense(40, 30, seed=2)
     mapping = xcompile.compile_model(model, progress=False, weight_bits=5, cell_bits=5)

@@ -123,6 +123,10 @@ class Layer:
         loaded.reshape(-1)[self.stale_cells] = self.stale_levels
         return dataclasses.replace(self, levels=frozen_array(loaded), stale_cells=None, stale_levels=None)
 
+    def to_crossbar_order(self, values: np.ndarray) -> np.ndarray:
+        """Per-output values [..., N] in the layer's own order, put in crossbar output order."""
+        return values if self.output_order is None else values[..., self.output_order]
+
     def restore_order(self, y: np.ndarray) -> np.ndarray:
         """Outputs [..., N] computed in crossbar order, back in the layer's own order."""
         if self.output_order is None:
