@@ -1,6 +1,6 @@
 """Line resistance: our exact G_eff against a sparse direct solve and an iterative solver.
 
-1. G_eff of one R x R tile (R = 64, 128, 256): runtime/physics.py's block elimination vs SciPy
+1. G_eff of one R x R tile (R = 64, 128, 256): runtime/physics.py's nested dissection vs SciPy
    SuperLU (splu) on the full 2 R C nodal system with R right-hand sides; same answer to 1e-6.
 2. Per input vector at 128 x 128, batch 1000: ours (G_eff computed once, amortised over the
    batch, plus the GEMM v @ G_eff) vs a relaxation solver of the CrossSim kind, written here:

@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from xcompile.runtime.physics import effective_conductance, effective_conductance_reference, tridiagonal_inverse
+from xcompile.runtime.physics import effective_conductance, effective_conductance_reference
 from ngspice import column_currents
 
 needs_ngspice = pytest.mark.skipif(
@@ -78,16 +78,25 @@ def test_linearity_superposition():
     assert (geff <= G.sum(axis=0) + 1e-18).all()
 
 
-def test_tridiagonal_inverses():
-    rng = np.random.default_rng(6)
-    n = 9
-    lower, upper = rng.uniform(-1, 0, (3, n)), rng.uniform(-1, 0, (3, n))
-    diagonal = rng.uniform(3, 4, (3, n))
-    for r in range(3):
-        inverse = np.empty((n, n))
-        tridiagonal_inverse(lower[r], diagonal[r], upper[r], inverse)
-        T = np.diag(diagonal[r]) + np.diag(lower[r, 1:], -1) + np.diag(upper[r, :-1], 1)
-        np.testing.assert_allclose(inverse @ T, np.eye(n), atol=1e-12)
+@pytest.mark.parametrize("rows, cols", [(2, 2), (2, 3), (3, 3), (1, 40), (40, 1), (2, 64), (64, 3), (31, 65), (70, 45)])
+@pytest.mark.parametrize("r_source, r_sink", [(10.0, 20.0), (0.0, 20.0), (10.0, 0.0), (0.0, 0.0)])
+def test_every_shape_and_terminal_kind_equals_the_nodal_solve(rows, cols, r_source, r_sink):
+    """Small domains eliminated whole and split ones, loop and BLAS eliminations, odd halves, thin
+    strips; a pinned source or grounded sink against the nodal solve with a vanishing resistance."""
+    G = _conductances(rows, cols, seed=rows * cols)
+    expected = effective_conductance_reference(G, 2.0, max(r_source, 1e-9), max(r_sink, 1e-9))
+    got = effective_conductance(G, 2.0, r_source, r_sink)
+    assert np.abs(got - expected).max() <= 1e-7 * np.abs(expected).max()
+
+
+def test_cells_without_conductance_leave_the_network_solvable():
+    G = _conductances(20, 24, seed=7)
+    G[::3, :] = 0.0
+    G[:, 5] = 0.0
+    expected = effective_conductance_reference(G, 1.5, 30.0, 40.0)
+    got = effective_conductance(G, 1.5, 30.0, 40.0)
+    assert np.abs(got - expected).max() <= 1e-9 * np.abs(expected).max()
+    assert np.abs(got[:, 5]).max() <= 1e-15 * np.abs(expected).max()  # a column without cells carries nothing
 
 
 @pytest.mark.parametrize(
