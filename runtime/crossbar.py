@@ -130,28 +130,29 @@ class ProgrammedLayer:
     def _crossbar(self, rows: np.ndarray, bias: np.ndarray) -> np.ndarray:
         x = rows if rows.dtype in (np.float32, np.float64) else rows.astype(np.float64)
         out = np.empty((x.shape[0], self.layer.outputs), dtype=x.dtype)
-        clipped = np.zeros(x.shape[0], dtype=np.int64)
         noise = self._noise_rng.spawn(1)[0] if self.hw.read_noise > 0 else None
         chunks = _chunks(x.shape[0])
         if len(chunks) == 1 or self.calibrating:  # calibration sees the whole batch at once
-            reads = [self._chunk(x, bias, out, clipped, noise)]
+            counts = [self._chunk(x, bias, out, noise)]
         else:
             seeds = noise.spawn(len(chunks)) if noise is not None else [None] * len(chunks)
             with _single_threaded_blas():
-                reads = list(_pool().map(lambda c, r: self._chunk(x[c], bias, out[c], clipped[c], r), chunks, seeds))
-        self.clipped += int(clipped.sum())
+                counts = list(_pool().map(lambda c, r: self._chunk(x[c], bias, out[c], r), chunks, seeds))
+        reads, clipped = (sum(column) for column in zip(*counts))
+        self.clipped += int(clipped)
         if self.hw.adc_bits > 0 and not self.calibrating:
-            self.conversions += sum(reads) * sum(block.conductance.shape[1] for block in self.blocks)
+            self.conversions += reads * sum(block.conductance.shape[1] for block in self.blocks)
         return out
 
-    def _chunk(self, x, bias, out, clipped, noise) -> int:
+    def _chunk(self, x, bias, out, noise) -> tuple[int, int]:
         """DAC, array reads, ADC and recombination for a slice of the batch (on a worker thread),
-        written into out; returns the vector reads it took (vectors x input passes)."""
+        written into out; returns the vector reads it took (vectors x input passes) and how many
+        conversions clipped."""
         hw = self.hw
         scale = self._input_scale(x)
         acc = np.zeros((x.shape[0], self.acc_columns), dtype=np.float32)
         dac_levels = float(2**hw.dac_bits - 1) if hw.dac_bits else 0.0
-        passes = 0
+        passes = clipped = 0
         if hw.input_mode == "bit_serial":
             plane = np.empty(x.shape, dtype=np.float32)
             for sign in (1.0, -1.0):
@@ -159,22 +160,23 @@ class ProgrammedLayer:
                     continue
                 for bit in range(hw.dac_bits):
                     kernels.bit_plane(x, scale, dac_levels, sign, bit, plane)
-                    self._read(plane, sign * 2.0**bit / dac_levels, acc, clipped, noise)
+                    clipped += self._read(plane, sign * 2.0**bit / dac_levels, acc, noise)
                     passes += 1
         else:
             positive = np.empty(x.shape, dtype=np.float32)
-            negative = np.empty(x.shape, dtype=np.float32)
-            if kernels.dac_split(x, scale, dac_levels, positive, negative):
-                self._read(negative, -1.0, acc, clipped, noise)
+            if kernels.dac(x, scale, dac_levels, 1.0, positive):  # a negative pass only if needed
+                negative = np.empty(x.shape, dtype=np.float32)
+                kernels.dac(x, scale, dac_levels, -1.0, negative)
+                clipped += self._read(negative, -1.0, acc, noise)
                 passes += 1
-            self._read(positive, 1.0, acc, clipped, noise)
+            clipped += self._read(positive, 1.0, acc, noise)
             passes += 1
         enc = self.layer.encoding
         kernels.combine(
             acc, self.block_acc, self.block_out, self.block_outputs, enc.term_offset, enc.term_step, enc.term_coeff,
             scale * self.output_factor, bias, out,
         )
-        return passes * x.shape[0]
+        return passes * x.shape[0], clipped
 
     def _input_scale(self, x: np.ndarray) -> np.ndarray:
         """The range s of every input vector: its own max |x|, or the calibrated layer range."""
@@ -187,9 +189,11 @@ class ProgrammedLayer:
             return per_vector
         return np.full(x.shape[0], self.input_range)
 
-    def _read(self, voltages, weight, acc, clipped, noise) -> None:
-        """One array read of every row block with these normalised voltages, then the ADC."""
+    def _read(self, voltages, weight, acc, noise) -> int:
+        """One array read of every row block with these normalised voltages, then the ADC;
+        returns how many conversions clipped."""
         convert = self.hw.adc_bits > 0 and not self.calibrating
+        clipped = 0
         for block, currents in zip(self.blocks, self._array_reads(voltages)):
             if block.noise_variance is not None:
                 v = voltages[:, block.rows[0] : block.rows[1]]
@@ -197,10 +201,11 @@ class ProgrammedLayer:
                 currents += spread * noise.standard_normal(currents.shape, dtype=np.float32)
             if self.calibrating:
                 np.maximum(block.seen_max, currents.max(axis=0, initial=0.0), out=block.seen_max)
-            kernels.convert_accumulate(
+            clipped += kernels.convert_accumulate(
                 currents, convert, block.inverse_full_scale, block.step, np.float32(self.adc_levels),
-                self.hw.adc_nonlinearity, block.tile_base, block.tile_acc, block.tile_columns, np.float32(weight), acc, clipped,
+                self.hw.adc_nonlinearity, block.tile_base, block.tile_acc, block.tile_columns, np.float32(weight), acc,
             )
+        return clipped
 
 
 class _ArrayReads:

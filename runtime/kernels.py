@@ -17,26 +17,26 @@ from xcompile.runtime.converters import adc, dac_code
 
 
 @numba.njit(nogil=True, cache=True)
-def dac_split(x, scale, levels, positive, negative):
-    """Normalised row voltages (code / levels, or |x| / scale for an ideal DAC) of both signs.
+def dac(x, scale, levels, sign, out):
+    """Normalised row voltages of the part of x with this sign (code / levels, or |x| / scale
+    for an ideal DAC; 0 elsewhere): one pass of a signed input.
 
-    x [P, K]; scale [P] (the range of each vector); returns whether any input was negative.
+    x [P, K]; scale [P] (the range of each vector); returns whether any input had the other sign.
     """
     rows, k = x.shape
-    any_negative = False
+    other_sign = False
     for p in range(rows):
         s = scale[p]
         inverse = 1.0 / s if s > 0.0 else 0.0
         for i in range(k):
-            value = x[p, i]
+            value = sign * x[p, i]
             if levels > 0:
                 u = dac_code(abs(value), s, levels) / levels if s > 0.0 else 0.0
             else:
                 u = min(abs(value) * inverse, 1.0)
-            positive[p, i] = u if value >= 0.0 else 0.0
-            negative[p, i] = u if value < 0.0 else 0.0
-            any_negative |= value < 0.0
-    return any_negative
+            out[p, i] = u if value > 0.0 else 0.0
+            other_sign |= value < 0.0
+    return other_sign
 
 
 @numba.njit(nogil=True, cache=True)
@@ -54,15 +54,17 @@ def bit_plane(x, scale, levels, sign, bit, out):
 
 
 @numba.njit(nogil=True, cache=True)
-def convert_accumulate(currents, convert, inverse_full_scale, step, levels, alpha, tile_base, tile_acc, tile_columns, weight, acc, clipped):
-    """acc[p, tile_acc[t] + c] += weight * ADC(currents[p, tile_base[t] + c]) for each tile t.
+def convert_accumulate(currents, convert, inverse_full_scale, step, levels, alpha, tile_base, tile_acc, tile_columns, weight, acc):
+    """acc[p, tile_acc[t] + c] += weight * ADC(currents[p, tile_base[t] + c]) for each tile t;
+    returns how many conversions were above full scale (clipped).
 
     currents [P, C]: one row block's tiles side by side. acc holds one column per physical column
     of a column block, so row blocks that share outputs add up before the (linear) recombination.
-    convert = False: an ideal ADC. clipped[p] counts conversions above full scale. Row and tile
-    slices keep the inner loops contiguous, so they vectorise.
+    convert = False: an ideal ADC. Row and tile slices keep the inner loops contiguous, so they
+    vectorise.
     """
     tanh_alpha = math.tanh(alpha) if alpha > 0.0 else 1.0
+    clipped = 0
     for p in range(currents.shape[0]):
         count = 0
         row, target = currents[p], acc[p]
@@ -78,7 +80,8 @@ def convert_accumulate(currents, convert, inverse_full_scale, step, levels, alph
             else:
                 for c in range(width):
                     into[c] += weight * source[c]
-        clipped[p] += count
+        clipped += count
+    return clipped
 
 
 @numba.njit(nogil=True, cache=True)
