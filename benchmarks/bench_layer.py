@@ -3,7 +3,9 @@
 512 x 512 weights, batch 1024, 8-bit DAC and ADC, lognormal variation, no bit slicing: the dual
 array puts it on 512 x 1024 cell columns, so the baseline is ORT's MatMul [1024, 512] @ [512, 1024].
 Inputs are non-negative (activations after a ReLU), so the DAC needs one pass; the signed-input
-figure (two passes) is printed too. Target: crossbar layer <= 1.5x the baseline. The machine is
+figure (two passes) is printed too. Target: crossbar layer <= 1.5x the baseline, on the default
+128 x 128 crossbars (4 row blocks, so the arrays deliver 4x the currents of the cell columns, each
+through an ADC) and on 512 x 512 ones (one row block: the cell columns read once). The machine is
 shared and its speed drifts, so all are timed in alternating rounds (a median of runs each, after
 a pause so that thread pools still spinning from the run before, OpenBLAS's or ORT's, do not take
 the cores) and each ratio is the median of the rounds' ratios, printed with their range.
@@ -58,10 +60,15 @@ def main() -> None:
     session = xcompile.Session(
         mapping, dac_bits=8, adc_bits=8, variation="lognormal", sigma=0.05, calibration={"x": x}, seed=0
     )
+    whole_rows = xcompile.Session(
+        xcompile.compile_model(matmul_model(K, N, weight), progress=False, rows=K, cols=K),
+        dac_bits=8, adc_bits=8, variation="lognormal", sigma=0.05, calibration={"x": x}, seed=0,
+    )
     ideal = xcompile.Session(xcompile.compile_model(matmul_model(K, N, weight), ideal=True, progress=False))
     runs = {
         "ORT MatMul over the cell columns": lambda: baseline.run(None, {"x": x}),
         "crossbar: DAC8/ADC8, variation, x >= 0": lambda: session.run(None, {"x": x}),
+        f"same on {K} x {K} crossbars (one row block)": lambda: whole_rows.run(None, {"x": x}),
         "crossbar: same, signed x (two DAC passes)": lambda: session.run(None, {"x": x_signed}),
         "ideal hardware (collapsed to one GEMM)": lambda: ideal.run(None, {"x": x}),
     }
@@ -73,8 +80,9 @@ def main() -> None:
     print(f"{'what':<44} {'ms':>9} {'ratio':>7}  range")
     for name, times, ratio in zip(runs, rounds.T, ratios.T):
         print(f"{name:<44} {np.median(times) * 1e3:>9.2f} {np.median(ratio):>7.2f}  {ratio.min():.2f}-{ratio.max():.2f}")
-    verdict = "PASS" if np.median(ratios[:, 1]) <= 1.5 else "MISS"
-    print(f"target: crossbar / ORT <= 1.5 -> {np.median(ratios[:, 1]):.2f} {verdict}")
+    for column, what in ((1, "128 x 128 crossbars"), (2, f"{K} x {K} crossbars")):
+        ratio = np.median(ratios[:, column])
+        print(f"target: crossbar / ORT <= 1.5 on {what} -> {ratio:.2f} {'PASS' if ratio <= 1.5 else 'MISS'}")
 
 
 if __name__ == "__main__":
