@@ -274,11 +274,20 @@ def _column_blocks(layer: Layer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _program_blocks(layer: Layer, hw: Hardware, level_max: float, block_acc: np.ndarray, rng: np.random.Generator) -> list[_RowBlock]:
-    """Program every tile (device effects, then G_eff of the whole physical array) by row block."""
+    """Program every tile (device effects, then G_eff of the whole physical array) by row block.
+
+    Devices are drawn tile by tile in one order (same seed, same cells); the wire networks are
+    then solved on the runtime's threads, as the solver releases the GIL."""
     tiling, enc = layer.tiling, layer.encoding
     per_block: dict[int, list[int]] = {}
     for i, (rb, _) in enumerate(tiling.grid):
         per_block.setdefault(int(rb), []).append(i)
+    order = [i for rb in sorted(per_block) for i in per_block[rb]]
+    drawn = [devices.program(layer.levels[i], level_max, hw, rng) for i in order]
+    if not hw.wires_ideal:
+        with _single_threaded_blas():
+            drawn = list(_pool().map(lambda g: effective_conductance(g, hw.r_wire, hw.r_source, hw.r_sink), drawn))
+    programmed = dict(zip(order, drawn))
     blocks = []
     for rb in sorted(per_block):
         tiles = per_block[rb]
@@ -287,13 +296,10 @@ def _program_blocks(layer: Layer, hw: Hardware, level_max: float, block_acc: np.
         for i in tiles:
             c0, c1 = (int(v) for v in tiling.out_range[i])
             used = enc.columns_used(c1 - c0)
-            g = devices.program(layer.levels[i], level_max, hw, rng)
-            if not hw.wires_ideal:
-                g = effective_conductance(g, hw.r_wire, hw.r_source, hw.r_sink)
             base.append(sum(c.shape[1] for c in columns))
             acc_start.append(int(block_acc[int(tiling.grid[i][1])]))
             widths.append(used)
-            columns.append(g[: r1 - r0, :used])
+            columns.append(programmed[i][: r1 - r0, :used])
             owner.extend([i] * used)
             fixed.extend([hw.v_read * hw.g_on * (r1 - r0)] * used)
         conductance = (np.concatenate(columns, axis=1) * hw.v_read).astype(np.float32)

@@ -115,7 +115,7 @@ def _boundary(r0, r1, c0, c1, rows, cols):
     return (left, right, top, bottom), size, free
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)  # the runtime solves the tiles of a layer on its threads
 def _domain(r0, r1, c0, c1, G, conductances, arena, starts, depth, blas):
     """Write the frontal matrix of cells [r0, r1) x [c0, c1) into the arena at starts[depth];
     return (m, k): its trailing k x k block is the Schur complement onto the boundary (m nodes
