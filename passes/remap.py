@@ -4,14 +4,21 @@ Crossbar output positions far from the drivers and the sense amplifiers lose mor
 current. Every mode permutes the outputs (columns) of each layer before tiling and records the
 permutation in `Layer.output_order`; the runtime undoes it with one gather after the ADC.
 
-- static: rank outputs by sensitivity and give the most sensitive the positions whose error is
-  smallest (one sort per layer; the rearrangement inequality makes it the best assignment for a
-  loss linear in sensitivity x position error). A position's error is how far the current it
-  keeps is from the layer's typical (median) share, not from all of it: a common attenuation
-  of a layer's outputs changes no decision of a ReLU network whose converter ranges are
-  calibrated, so only the spread between positions costs accuracy. (X-CHANGR counts the loss
-  itself; on our models, where long lines keep 7-30% of the current, giving the most sensitive
-  outputs the highest gains distorts more than it saves: docs/remap.md.)
+- static: chain-gain matching, from the physics of the layer's own cells (no data, no network
+  simulation). With ideal converters nothing undoes a column's loss, so output k's signal reaches
+  the next MVM layer scaled twice: by the gain of the crossbar column it sits in and by the gain
+  of the next layer's rows that read channel k (rows near the sense end keep up to 4x more than
+  rows far from it). Static gives the positions that keep least the channels the next layer
+  reads strongest, so that every channel's product of the two is as even as the profiles allow:
+  a position's gain comes from a tile whose columns all carry the layer's average column, each
+  output's own load factor and the next layer's row gains from the exact G_eff of the tiles with
+  their actual levels (`_matched_placement`). Channels are followed to the next layer through
+  activations, pooling and one Flatten (`channel_consumers`); a layer whose outputs reach no
+  single ungrouped MVM layer that way (the classifier, branches) is ranked by `--sensitivity`
+  instead, the most sensitive outputs at the positions whose kept share is nearest the layer's
+  median (one sort; the rearrangement inequality). On the digits CNN (128 x 128, r_wire 2) this
+  wins back about a third of the drop where ranking every layer by sensitivity lost ground:
+  docs/remap.md.
 - dynamic: the non-ideal model in the loop. Start from static; then layer by layer, simulate
   the whole network on the configured hardware, measure what each position actually keeps
   (crossbar vs exact output of that layer on its real inputs), re-rank by Taylor sensitivity with
@@ -21,12 +28,12 @@ permutation in `Layer.output_order`; the runtime undoes it with one gather after
   every crossbar carries a balanced, low load (pruned, all-zero columns spread between tiles),
   then give each tile's heaviest columns its best positions.
 
-Position loss comes from the physics model of the configured hardware: the exact G_eff of a tile
-whose cells sit mid-window, as the fraction of its ideal current each output position keeps.
-Sensitivity: `magnitude` (sum of |w| of the column, no data), `taylor` (first-order
-|dLoss/dg_k| for a gain g_k on output k, i.e. |sum dLoss/dy_k * y_k|, per calibration sample
-and averaged, by central finite differences through ONNX Runtime: see xcompile/probe.py), or
-`perturbation` (loss increase when output k is attenuated by the layer's mean position loss).
+The sensitivity ranking's position loss comes from the physics model of the configured hardware:
+the exact G_eff of a tile whose cells sit mid-window, as the fraction of its ideal current each
+output position keeps. Sensitivity (static's layers without a next MVM layer): `magnitude` (sum
+of |w| of the column, no data), `taylor` (first-order |dLoss/dg_k| for a gain g_k on output k,
+i.e. |sum dLoss/dy_k * y_k|, per calibration sample and averaged, by central finite differences
+through ONNX Runtime: see xcompile/probe.py), or `perturbation` (loss increase when output k is attenuated by the layer's mean position loss).
 Grouped layers are left in place (their block-diagonal structure fixes which outputs share
 rows). The pass runs before encoding: which outputs share a tile decides whether ACM's suffix
 sums fit, so the encoding must see the final order.
@@ -68,10 +75,13 @@ def run(program: Program, progress=None, calibration: Calibration | None = None)
         orders = {layer.index: _sparse_order(layer, kept, per_tile) for layer in movable}
     else:
         probe = GainProbe(program, calibration) if opts.needs_calibration else None
-        orders = {
-            layer.index: _placement(_sensitivity(opts.sensitivity, layer, probe, kept, per_tile), kept, per_tile)
-            for layer in movable
-        }
+        consumers = {} if program.hardware.wires_ideal else channel_consumers(program)
+        orders = {}
+        for layer in movable:  # network order: a layer's consumer is still in its own order when it is placed
+            if layer.index in consumers:
+                orders[layer.index] = _matched_placement(program, layer, *consumers[layer.index])
+            else:
+                orders[layer.index] = _placement(_sensitivity(opts.sensitivity, layer, probe, kept, per_tile), kept, per_tile)
         if opts.remap == "dynamic":
             if program.hardware.wires_ideal:
                 warnings.warn("remap 'dynamic': the hardware has ideal wires (r_wire = 0), nothing to measure; static order kept", stacklevel=3)
@@ -103,6 +113,138 @@ def kept_current(hw: Hardware, encoding: Encoding, axis: int = 0) -> np.ndarray:
     column_kept = effective_conductance(g, hw.r_wire, hw.r_source, hw.r_sink).sum(axis=0) / g.sum(axis=0)
     j = np.arange(outputs)
     return np.mean([column_kept[offset + step * j] for offset, step in zip(encoding.term_offset, encoding.term_step)], axis=0)
+
+
+CHANNEL_OPS = {  # ops that keep a tensor's channels where they are (element-wise, pooling)
+    "Relu", "LeakyRelu", "PRelu", "Clip", "Sigmoid", "HardSigmoid", "Tanh", "Elu", "Selu", "Softplus", "HardSwish", "Gelu",
+    "MaxPool", "AveragePool", "Identity", "Dropout",
+}
+
+
+def channel_consumers(program: Program) -> dict[int, tuple[Layer, np.ndarray]]:
+    """Per layer whose outputs reach exactly one other (ungrouped) MVM layer through channel-keeping
+    ops only (activations, pooling, one Flatten): that layer and, per crossbar row of it, which
+    output channel of the first layer the row reads (-1: none)."""
+    import onnx
+
+    model = onnx.load_from_string(program.model)
+    try:
+        model = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # shapes only help Flatten; without them such paths are simply not followed
+        pass
+    shapes = {
+        v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+        for v in list(model.graph.value_info) + list(model.graph.input) + list(model.graph.output)
+    }
+    readers: dict[str, list] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    outputs = {o.name for o in model.graph.output}
+    by_input: dict[str, list[Layer]] = {}
+    for layer in program.layers:
+        by_input.setdefault(layer.input_name, []).append(layer)
+    found = {}
+    for layer in program.layers:
+        name, spatial = layer.output_name, 1
+        while name not in outputs and len(readers.get(name, [])) == 1 and name not in by_input:
+            node = readers[name][0]
+            if node.op_type == "Flatten" and spatial == 1:
+                shape = shapes.get(name)
+                axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+                if axis != 1 or not shape or len(shape) < 3 or any(d is None for d in shape[2:]) or shape[1] != layer.outputs:
+                    break
+                spatial = int(np.prod(shape[2:]))
+            elif node.op_type not in CHANNEL_OPS or node.input[0] != name:
+                break
+            name = node.output[0]
+        consumer = by_input.get(name, [])
+        if len(consumer) != 1 or len(readers.get(name, [])) != 1 or consumer[0].groups != 1:
+            continue
+        consumer = consumer[0]
+        rows = consumer.rows_in
+        if consumer.kind == "conv" and spatial == 1 and rows % layer.outputs == 0:
+            channel = np.arange(rows) % layer.outputs  # patch rows: kernel offset, then channel
+        elif consumer.kind == "dense" and rows == layer.outputs * spatial:
+            channel = np.arange(rows) // spatial  # flattened [C, H, W] or a plain vector
+        else:
+            continue
+        if consumer.input_order is not None:
+            channel = channel[consumer.input_order]
+        found[layer.index] = (consumer, channel)
+    return found
+
+
+def _matched_placement(program: Program, layer: Layer, consumer: Layer, channel: np.ndarray) -> np.ndarray:
+    """Chain-gain matching. Output k's signal reaches the next layer scaled twice: by the gain of
+    the crossbar column it sits in, about p_q u_k (p_q: what position q keeps, u_k: what output k's
+    own load costs it), and by the gain t_k of the next layer's rows that read it. Positions sorted
+    by p (lowest first) take the outputs sorted by u t (highest first), so that the products
+    p u t are as even as the profiles allow (the rearrangement inequality: the assignment that
+    minimises the spread of log p + log u t). p comes from a tile whose columns all carry the
+    layer's average column, u from the layer's own tiles in its own order, both by the exact G_eff."""
+    expected, effective = _effective_matrices(program, consumer)
+    power = np.zeros(layer.outputs)
+    cross = np.zeros(layer.outputs)
+    reads = channel >= 0
+    np.add.at(power, channel[reads], np.square(expected[reads]).sum(axis=1))
+    np.add.at(cross, channel[reads], (expected * effective)[reads].sum(axis=1))
+    downstream = _gains(cross, power)
+    expected, effective = _effective_matrices(program, layer)
+    own = _gains((expected * effective).sum(axis=0), np.square(expected).sum(axis=0))  # output k sits at position k
+    profile = _position_profile(program, layer)
+    order = np.empty(layer.outputs, dtype=np.int64)
+    order[np.argsort(profile, kind="stable")] = np.argsort(-(own / profile) * downstream, kind="stable")
+    return order
+
+
+def _position_profile(program: Program, layer: Layer) -> np.ndarray:
+    """Per output position of the layer, the share of its current a position keeps when every
+    column of the tile carries the layer's average column (the row means of its levels): what the
+    position costs, apart from what the output placed there costs itself. Averaged over the row
+    blocks, weighted by their cells' squared levels."""
+    hw, opts = program.hardware, program.options
+    compiled = _compiled(program, [layer]).layers[0]
+    level_max = float(2 ** (opts.weight_bits if opts.ideal else opts.cell_bits) - 1)
+    enc, tiling = compiled.encoding, compiled.tiling
+    kept, weight = np.zeros(layer.outputs), np.zeros(layer.outputs)
+    for i in range(tiling.count):
+        (r0, r1), (c0, c1) = tiling.row_range[i], tiling.out_range[i]
+        used = enc.columns_used(int(c1 - c0))
+        levels = compiled.levels[i].astype(np.float64)
+        energy = float(np.square(levels[: r1 - r0, :used]).sum())
+        levels[:, :used] = levels[:, :used].mean(axis=1, keepdims=True)
+        g = hw.g_off + levels * ((hw.g_on - hw.g_off) / level_max)
+        g_eff = effective_conductance(g, hw.r_wire, hw.r_source, hw.r_sink)
+        column_kept = g_eff[: r1 - r0].sum(axis=0) / g[: r1 - r0].sum(axis=0)
+        j = np.arange(c1 - c0)
+        kept[c0:c1] += energy * np.mean([column_kept[offset + step * j] for offset, step in zip(enc.term_offset, enc.term_step)], axis=0)
+        weight[c0:c1] += energy
+    return np.where(weight > 0, kept / np.where(weight > 0, weight, 1.0), 1.0)
+
+
+def _gains(cross: np.ndarray, power: np.ndarray) -> np.ndarray:
+    """Least-squares gains cross / power; where nothing is read (power 0), the median gain."""
+    gains = np.divide(cross, power, out=np.zeros_like(cross), where=power > 0)
+    return np.where(power > 0, gains, np.median(gains[power > 0]) if (power > 0).any() else 1.0)
+
+
+def _effective_matrices(program: Program, layer: Layer) -> tuple[np.ndarray, np.ndarray]:
+    """The layer's matrix [K, N] in crossbar order as its cells encode it, and as the crossbars
+    compute it with their wires (the exact G_eff of every tile, cells at their target levels)."""
+    hw, opts = program.hardware, program.options
+    compiled = _compiled(program, [layer]).layers[0]
+    level_max = float(2 ** (opts.weight_bits if opts.ideal else opts.cell_bits) - 1)
+    enc, tiling = compiled.encoding, compiled.tiling
+    expected = np.zeros(compiled.weight.shape)
+    effective = np.zeros(compiled.weight.shape)
+    for i in range(tiling.count):
+        (r0, r1), (c0, c1) = tiling.row_range[i], tiling.out_range[i]
+        g = hw.g_off + compiled.levels[i].astype(np.float64) * ((hw.g_on - hw.g_off) / level_max)
+        g_eff = effective_conductance(g, hw.r_wire, hw.r_source, hw.r_sink)
+        compiled.add_block(expected, (r0, r1), (c0, c1), enc.combine(g[: r1 - r0], c1 - c0))
+        compiled.add_block(effective, (r0, r1), (c0, c1), enc.combine(g_eff[: r1 - r0], c1 - c0))
+    return expected[0], effective[0]
 
 
 def _position_kept(outputs: int, kept: np.ndarray, per_tile: int) -> np.ndarray:

@@ -26,14 +26,14 @@ def test_remapped_mapping_still_equals_onnxruntime(tmp_path):
     assert np.abs(fine - expected).max() <= 1e-5 * np.abs(expected).max()
 
 
-def test_most_sensitive_outputs_sit_where_the_current_kept_is_most_typical():
+def test_last_layer_most_sensitive_outputs_sit_where_the_current_kept_is_most_typical():
     model = small_cnn(seed=3, channels=20)
     mapping = xcompile.compile_model(model, progress=False, remap="static", r_wire=5.0, r_source=50.0, r_sink=50.0, rows=32, cols=16)
     hw = mapping.hardware
     kept = kept_current(hw, make_encoding("dual", 1, 8))
     per_tile = 8
     assert kept[0] > kept[-1]  # positions near the drivers keep more current
-    for layer in mapping.layers:
+    for layer in mapping.layers[-1:]:  # no MVM layer reads the last one: it is ranked by sensitivity
         order = layer.output_order
         assert sorted(order.tolist()) == list(range(layer.outputs))
         original = np.abs(layer.restore_order(layer.weight[0])).sum(axis=0)  # back in ONNX order
@@ -47,6 +47,55 @@ def test_most_sensitive_outputs_sit_where_the_current_kept_is_most_typical():
             for b in range(layer.outputs):
                 if loss_at[a] < loss_at[b]:
                     assert sensitivity_at[a] >= sensitivity_at[b]
+
+
+def _chain_gains(mapping, index: int) -> np.ndarray:
+    """Per output of layer `index` (layer order): the least-squares gain of its crossbar column
+    times that of the next layer's rows reading it, both from the exact G_eff of the mapping."""
+    from xcompile.passes.remap import _effective_matrices, channel_consumers
+
+    layer = mapping.layers[index]
+    expected, effective = _effective_matrices(mapping.program, layer)
+    column = layer.restore_order((expected * effective).sum(axis=0) / np.square(expected).sum(axis=0))
+    consumer, channel = channel_consumers(mapping.program)[index]
+    expected, effective = _effective_matrices(mapping.program, consumer)
+    rows = np.array([(expected * effective)[channel == k].sum() / np.square(expected[channel == k]).sum() for k in range(layer.outputs)])
+    return column * rows
+
+
+def test_static_evens_out_the_gain_each_channel_sees_through_two_layers():
+    """An output's signal is scaled by the column it sits in and then by the rows of the next
+    layer that read it; static pairs weak positions with strongly read channels, so the chain
+    gains spread less than in the layer's own order, measured on the placed crossbars."""
+    model = small_cnn(seed=3, channels=16)
+    options = dict(progress=False, r_wire=4.0, rows=64, cols=32)
+    placed = xcompile.compile_model(model, remap="static", **options)
+    own = xcompile.compile_model(model, remap="none", **options)
+    conv = placed.layers[0]
+    assert not np.array_equal(conv.output_order, np.arange(conv.outputs))
+    assert np.std(np.log(_chain_gains(placed, 0))) < 0.8 * np.std(np.log(_chain_gains(own, 0)))
+
+
+def test_channel_consumers_follow_activations_pooling_and_flatten_only():
+    from xcompile.passes.remap import channel_consumers
+
+    mapping = xcompile.compile_model(small_cnn(seed=1, channels=4), progress=False, remap="none", r_wire=1.0)
+    consumers = channel_consumers(mapping.program)
+    assert set(consumers) == {0}  # the classifier feeds no MVM layer
+    consumer, channel = consumers[0]
+    assert consumer.index == 1 and channel.shape == (4 * 5 * 5,)
+    assert np.array_equal(channel, np.repeat(np.arange(4), 25))  # Flatten of [4, 5, 5]: channel-major
+    from onnx import helper, numpy_helper
+
+    from builders import model as make_model, tensor
+
+    w = np.ones((4, 4), np.float32)
+    branching = make_model(
+        [helper.make_node("MatMul", ["x", "w1"], ["a"]), helper.make_node("Relu", ["a"], ["r"]),
+         helper.make_node("MatMul", ["r", "w2"], ["b"]), helper.make_node("Add", ["b", "r"], ["y"])],
+        [tensor("x", ["N", 4])], [tensor("y", ["N", 4])], [numpy_helper.from_array(w, "w1"), numpy_helper.from_array(w, "w2")],
+    )
+    assert channel_consumers(xcompile.compile_model(branching, progress=False, r_wire=1.0).program) == {}  # r is read twice
 
 
 def test_ideal_wires_keep_every_position_and_bad_remap_is_named():
