@@ -33,7 +33,8 @@ the exact G_eff of a tile whose cells sit mid-window, as the fraction of its ide
 output position keeps. Sensitivity (static's layers without a next MVM layer): `magnitude` (sum
 of |w| of the column, no data), `taylor` (first-order |dLoss/dg_k| for a gain g_k on output k,
 i.e. |sum dLoss/dy_k * y_k|, per calibration sample and averaged, by central finite differences
-through ONNX Runtime: see xcompile/probe.py), or `perturbation` (loss increase when output k is attenuated by the layer's mean position loss).
+through ONNX Runtime: see xcompile/probe.py), or `perturbation` (loss increase when output k
+is attenuated by the layer's mean position loss).
 Grouped layers are left in place (their block-diagonal structure fixes which outputs share
 rows). The pass runs before encoding: which outputs share a tile decides whether ACM's suffix
 sums fit, so the encoding must see the final order.
@@ -45,6 +46,7 @@ import dataclasses
 import warnings
 
 import numpy as np
+import onnx
 
 from xcompile.config import Hardware
 from xcompile.ir import Encoding, Layer, PassResult, Program, frozen_array
@@ -125,12 +127,10 @@ def channel_consumers(program: Program) -> dict[int, tuple[Layer, np.ndarray]]:
     """Per layer whose outputs reach exactly one other (ungrouped) MVM layer through channel-keeping
     ops only (activations, pooling, one Flatten): that layer and, per crossbar row of it, which
     output channel of the first layer the row reads (-1: none)."""
-    import onnx
-
     model = onnx.load_from_string(program.model)
     try:
         model = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # shapes only help Flatten; without them such paths are simply not followed
+    except onnx.shape_inference.InferenceError:  # shapes only help Flatten; without them such paths are not followed
         pass
     shapes = {
         v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
