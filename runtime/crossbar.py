@@ -132,6 +132,8 @@ class ProgrammedLayer:
         out = np.empty((x.shape[0], self.layer.outputs), dtype=x.dtype)
         noise = self._noise_rng.spawn(1)[0] if self.hw.read_noise > 0 else None
         chunks = _chunks(x.shape[0])
+        if not chunks:  # an empty batch
+            return out
         if len(chunks) == 1 or self.calibrating:  # calibration sees the whole batch at once
             counts = [self._chunk(x, bias, out, noise)]
         else:

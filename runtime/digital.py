@@ -56,10 +56,11 @@ def im2col(x: np.ndarray, geometry) -> tuple[np.ndarray, tuple[int, ...]]:
     order = tuple(range(1 + rank)) + tuple(range(2 + rank, 2 + 2 * rank)) + (1 + rank,)
     patches = windows.transpose(order)  # [B, *O, *k, C]
     positions = x.shape[0] * math.prod(out_shape)
+    row = math.prod(kernel) * channels  # explicit, not -1: an empty batch has no size to infer from
     if group == 1:
-        return patches.reshape(positions, -1), tuple(out_shape)
+        return patches.reshape(positions, row), tuple(out_shape)
     patches = patches.reshape(positions, math.prod(kernel), group, channels // group)
-    return patches.transpose(0, 2, 1, 3).reshape(positions, -1), tuple(out_shape)
+    return patches.transpose(0, 2, 1, 3).reshape(positions, row), tuple(out_shape)
 
 
 def conv_output(y: np.ndarray, batch: int, out_shape) -> np.ndarray:

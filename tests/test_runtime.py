@@ -181,3 +181,11 @@ def test_non_finite_inputs_are_refused(cnn, batch):
     bad[0, 0, 0, 0] = np.nan
     with pytest.raises(xcompile.XCompileError, match="NaN"):
         session.run(None, {"x": bad})
+
+
+@pytest.mark.parametrize("hardware", [{}, {"r_wire": 1.0, "adc_bits": 8, "dac_bits": 8}])
+def test_an_empty_batch_gives_an_empty_output_like_onnxruntime(cnn, batch, hardware):
+    session = xcompile.Session(xcompile.compile_model(cnn, progress=False), calibration={"x": batch[:16]}, **hardware)
+    expected = ort.InferenceSession(cnn.SerializeToString()).run(None, {"x": batch[:0]})[0]
+    got = session.run(None, {"x": batch[:0]})[0]
+    assert got.shape == expected.shape and got.dtype == expected.dtype
