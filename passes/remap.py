@@ -52,6 +52,7 @@ from xcompile.config import Hardware
 from xcompile.ir import Encoding, Layer, PassResult, Program, frozen_array
 from xcompile.passes.encode import encoding_for
 from xcompile.probe import Calibration, GainProbe
+from xcompile.runtime import devices
 from xcompile.runtime.physics import effective_conductance
 
 NAME = "remap"
@@ -112,9 +113,14 @@ def kept_current(hw: Hardware, encoding: Encoding, axis: int = 0) -> np.ndarray:
     if hw.wires_ideal:
         return np.ones(outputs)
     g = np.full((hw.rows, hw.cols), (hw.g_on + hw.g_off) / 2)
-    column_kept = effective_conductance(g, hw.r_wire, hw.r_source, hw.r_sink).sum(axis=0) / g.sum(axis=0)
+    return _per_output(effective_conductance(g, hw.r_wire, hw.r_source, hw.r_sink).sum(axis=0) / g.sum(axis=0), encoding, outputs)
+
+
+def _per_output(per_column: np.ndarray, encoding: Encoding, outputs: int) -> np.ndarray:
+    """A per-physical-column quantity of a tile as one value per output: the mean over the
+    columns the output's recombination terms read."""
     j = np.arange(outputs)
-    return np.mean([column_kept[offset + step * j] for offset, step in zip(encoding.term_offset, encoding.term_step)], axis=0)
+    return np.mean([per_column[offset + step * j] for offset, step in zip(encoding.term_offset, encoding.term_step)], axis=0)
 
 
 CHANNEL_OPS = {  # ops that keep a tensor's channels where they are (element-wise, pooling)
@@ -183,42 +189,38 @@ def _matched_placement(program: Program, layer: Layer, consumer: Layer, channel:
     p u t are as even as the profiles allow (the rearrangement inequality: the assignment that
     minimises the spread of log p + log u t). p comes from a tile whose columns all carry the
     layer's average column, u from the layer's own tiles in its own order, both by the exact G_eff."""
-    expected, effective = _effective_matrices(program, consumer)
+    expected, effective = _effective_matrices(program, _compiled(program, [consumer]).layers[0])
     power = np.zeros(layer.outputs)
     cross = np.zeros(layer.outputs)
     reads = channel >= 0
     np.add.at(power, channel[reads], np.square(expected[reads]).sum(axis=1))
     np.add.at(cross, channel[reads], (expected * effective)[reads].sum(axis=1))
     downstream = _gains(cross, power)
-    expected, effective = _effective_matrices(program, layer)
+    compiled = _compiled(program, [layer]).layers[0]
+    expected, effective = _effective_matrices(program, compiled)
     own = _gains((expected * effective).sum(axis=0), np.square(expected).sum(axis=0))  # output k sits at position k
-    profile = _position_profile(program, layer)
+    profile = _position_profile(program, compiled)
     order = np.empty(layer.outputs, dtype=np.int64)
     order[np.argsort(profile, kind="stable")] = np.argsort(-(own / profile) * downstream, kind="stable")
     return order
 
 
-def _position_profile(program: Program, layer: Layer) -> np.ndarray:
+def _position_profile(program: Program, compiled: Layer) -> np.ndarray:
     """Per output position of the layer, the share of its current a position keeps when every
     column of the tile carries the layer's average column (the row means of its levels): what the
     position costs, apart from what the output placed there costs itself. Averaged over the row
-    blocks, weighted by their cells' squared levels."""
-    hw, opts = program.hardware, program.options
-    compiled = _compiled(program, [layer]).layers[0]
-    level_max = float(2 ** (opts.weight_bits if opts.ideal else opts.cell_bits) - 1)
-    enc, tiling = compiled.encoding, compiled.tiling
-    kept, weight = np.zeros(layer.outputs), np.zeros(layer.outputs)
+    blocks, weighted by their cells' squared levels. `compiled`: the layer encoded and tiled."""
+    hw, enc, tiling = program.hardware, compiled.encoding, compiled.tiling
+    kept, weight = np.zeros(compiled.outputs), np.zeros(compiled.outputs)
     for i in range(tiling.count):
         (r0, r1), (c0, c1) = tiling.row_range[i], tiling.out_range[i]
         used = enc.columns_used(int(c1 - c0))
         levels = compiled.levels[i].astype(np.float64)
         energy = float(np.square(levels[: r1 - r0, :used]).sum())
         levels[:, :used] = levels[:, :used].mean(axis=1, keepdims=True)
-        g = hw.g_off + levels * ((hw.g_on - hw.g_off) / level_max)
+        g = devices.level_conductance(levels, program.options.level_max, hw)
         g_eff = effective_conductance(g, hw.r_wire, hw.r_source, hw.r_sink)
-        column_kept = g_eff[: r1 - r0].sum(axis=0) / g[: r1 - r0].sum(axis=0)
-        j = np.arange(c1 - c0)
-        kept[c0:c1] += energy * np.mean([column_kept[offset + step * j] for offset, step in zip(enc.term_offset, enc.term_step)], axis=0)
+        kept[c0:c1] += energy * _per_output(g_eff[: r1 - r0].sum(axis=0) / g[: r1 - r0].sum(axis=0), enc, int(c1 - c0))
         weight[c0:c1] += energy
     return np.where(weight > 0, kept / np.where(weight > 0, weight, 1.0), 1.0)
 
@@ -229,18 +231,16 @@ def _gains(cross: np.ndarray, power: np.ndarray) -> np.ndarray:
     return np.where(power > 0, gains, np.median(gains[power > 0]) if (power > 0).any() else 1.0)
 
 
-def _effective_matrices(program: Program, layer: Layer) -> tuple[np.ndarray, np.ndarray]:
+def _effective_matrices(program: Program, compiled: Layer) -> tuple[np.ndarray, np.ndarray]:
     """The layer's matrix [K, N] in crossbar order as its cells encode it, and as the crossbars
-    compute it with their wires (the exact G_eff of every tile, cells at their target levels)."""
-    hw, opts = program.hardware, program.options
-    compiled = _compiled(program, [layer]).layers[0]
-    level_max = float(2 ** (opts.weight_bits if opts.ideal else opts.cell_bits) - 1)
-    enc, tiling = compiled.encoding, compiled.tiling
+    compute it with their wires (the exact G_eff of every tile, cells at their target levels).
+    `compiled`: the layer encoded and tiled."""
+    hw, enc, tiling = program.hardware, compiled.encoding, compiled.tiling
     expected = np.zeros(compiled.weight.shape)
     effective = np.zeros(compiled.weight.shape)
     for i in range(tiling.count):
         (r0, r1), (c0, c1) = tiling.row_range[i], tiling.out_range[i]
-        g = hw.g_off + compiled.levels[i].astype(np.float64) * ((hw.g_on - hw.g_off) / level_max)
+        g = devices.level_conductance(compiled.levels[i], program.options.level_max, hw)
         g_eff = effective_conductance(g, hw.r_wire, hw.r_source, hw.r_sink)
         compiled.add_block(expected, (r0, r1), (c0, c1), enc.combine(g[: r1 - r0], c1 - c0))
         compiled.add_block(effective, (r0, r1), (c0, c1), enc.combine(g_eff[: r1 - r0], c1 - c0))

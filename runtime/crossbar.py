@@ -11,21 +11,18 @@ MatMul packs constant weights once and is faster than numpy's BLAS on these shap
 
 from __future__ import annotations
 
-import functools
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
-from threadpoolctl import ThreadpoolController
 
 from xcompile.config import Hardware
 from xcompile.errors import XCompileError
 from xcompile.ir import Layer
 from xcompile.runtime import devices, kernels
 from xcompile.runtime.physics import effective_conductance
+from xcompile.runtime.threads import pool, single_threaded_blas
 
 
 @dataclass
@@ -138,8 +135,8 @@ class ProgrammedLayer:
             counts = [self._chunk(x, bias, out, noise)]
         else:
             seeds = noise.spawn(len(chunks)) if noise is not None else [None] * len(chunks)
-            with _single_threaded_blas():
-                counts = list(_pool().map(lambda c, r: self._chunk(x[c], bias, out[c], r), chunks, seeds))
+            with single_threaded_blas():
+                counts = list(pool().map(lambda c, r: self._chunk(x[c], bias, out[c], r), chunks, seeds))
         reads, clipped = (sum(column) for column in zip(*counts))
         self.clipped += int(clipped)
         if self.hw.adc_bits > 0 and not self.calibrating:
@@ -287,8 +284,8 @@ def _program_blocks(layer: Layer, hw: Hardware, level_max: float, block_acc: np.
     order = [i for rb in sorted(per_block) for i in per_block[rb]]
     drawn = [devices.program(layer.levels[i], level_max, hw, rng) for i in order]
     if not hw.wires_ideal:
-        with _single_threaded_blas():
-            drawn = list(_pool().map(lambda g: effective_conductance(g, hw.r_wire, hw.r_source, hw.r_sink), drawn))
+        with single_threaded_blas():
+            drawn = list(pool().map(lambda g: effective_conductance(g, hw.r_wire, hw.r_source, hw.r_sink), drawn))
     programmed = dict(zip(order, drawn))
     blocks = []
     for rb in sorted(per_block):
@@ -338,7 +335,7 @@ def read_energy(layer: Layer, hw: Hardware, options, rows: np.ndarray) -> float:
     x = layer.order_inputs(np.asarray(rows, dtype=np.float64))
     scale = np.abs(x).max(axis=1, keepdims=True)
     v_squared = np.square(np.divide(np.abs(x), scale, out=np.zeros_like(x), where=scale > 0) * hw.v_read)
-    level_max = float(2 ** (options.weight_bits if options.ideal else options.cell_bits) - 1)
+    level_max = options.level_max
     tiling, enc = layer.tiling, layer.encoding
     total = 0.0
     for i in range(tiling.count):
@@ -352,18 +349,3 @@ def _chunks(rows: int, size: int = 256) -> list[slice]:
     """Batch slices for the worker threads, of a fixed size so that results (and read-noise
     draws, one generator per chunk) do not depend on how many cores the machine has."""
     return [slice(start, min(start + size, rows)) for start in range(0, rows, size)]
-
-
-@functools.cache
-def _pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="xcompile")
-
-
-@functools.cache
-def _blas() -> ThreadpoolController:
-    return ThreadpoolController()
-
-
-def _single_threaded_blas():
-    """BLAS on one thread while our own threads each run GEMMs (no oversubscription)."""
-    return _blas().limit(limits=1, user_api="blas")

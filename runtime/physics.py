@@ -30,14 +30,13 @@ one node (a small dense system).
 
 from __future__ import annotations
 
-import functools
-
 import llvmlite.binding
 import numba
 import numpy as np
 from numba import types
 from numba.extending import get_cython_function_address
-from threadpoolctl import ThreadpoolController
+
+from xcompile.runtime.threads import single_threaded_blas
 
 
 def _lapack_routine(module: str, name: str, arguments: int):
@@ -70,21 +69,10 @@ def effective_conductance(G, r_wire: float, r_source: float = 0.0, r_sink: float
     _frontal_sizes(0, rows, 0, cols, rows, cols, 0, frontal_sizes)
     starts = np.cumsum(frontal_sizes) - frontal_sizes  # one frontal matrix per depth, one after the other
     arena = np.empty(frontal_sizes.sum())
-    with _single_threaded_blas():
+    with single_threaded_blas():  # blocks of a few hundred rows: threads would only spin
         m, k = _domain(0, rows, 0, cols, G, conductances, arena, starts, 0, _blas_arguments())
     root = arena[: (m + k) ** 2].reshape(m + k, m + k)
     return -root[m : m + rows, m + rows :].copy()
-
-
-@functools.cache
-def _blas_controller() -> ThreadpoolController:
-    return ThreadpoolController()
-
-
-def _single_threaded_blas():
-    """One BLAS thread: numpy's and SciPy's OpenBLAS each keep a thread pool, and on frontal
-    matrices of this size their threads spin against each other (20x slower on two cores)."""
-    return _blas_controller().limit(limits=1, user_api="blas")
 
 
 def _blas_arguments() -> np.ndarray:

@@ -58,7 +58,7 @@ class Session:
         self._inputs = [_node_arg(v) for v in graph.input]
         self._outputs = [_node_arg(v) for v in graph.output]
         opts = program.options
-        self._level_max = float(2 ** (opts.weight_bits if opts.ideal else opts.cell_bits) - 1)
+        self._level_max = opts.level_max
         self._layers = {
             layer.index: _LayerRunner(layer, ProgrammedLayer(layer, self.hardware, self._level_max, self.seed))
             for layer in program.layers

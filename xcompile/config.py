@@ -212,6 +212,12 @@ class CompileOptions:
         """Whether compiling measures the model on data (remapping in the loop, or by data)."""
         return self.remap == "dynamic" or (self.remap != "none" and self.sensitivity in DATA_SENSITIVITIES)
 
+    @property
+    def level_max(self) -> float:
+        """The top level a cell of the mapping holds: a whole weight in ideal mode (one slice),
+        else one slice of cell_bits."""
+        return float(2 ** (self.weight_bits if self.ideal else self.cell_bits) - 1)
+
 
 def _whole(what: str, value: Any, low: int, high: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
