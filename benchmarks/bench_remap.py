@@ -9,6 +9,7 @@ part runs the 75%-channel-pruned CNN as mapped and rearranged, next to the unpru
 
     python benchmarks/bench_remap.py                 # prints the table
     python benchmarks/bench_remap.py --write-docs    # also writes docs/studies/remap.{md,png}
+    python benchmarks/bench_remap.py --elsewhere     # static vs none on other models and hardware
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from xcompile.evaluate import evaluate
 ROOT = Path(__file__).resolve().parent.parent
 CNN = ROOT / "models" / "digits_cnn.onnx"
 PRUNED = ROOT / "models" / "digits_cnn_pruned.onnx"
+MLP = ROOT / "models" / "digits_mlp.onnx"
 HARDWARE = {"rows": 128, "cols": 128, "r_wire": 2.0, "variation": "lognormal", "sigma": 0.05}
 SEEDS = 10
 MODES = [
@@ -39,25 +41,49 @@ MODES = [
     ("pruned CNN", PRUNED, "sparse", "magnitude"),
     ("pruned CNN", PRUNED, "dynamic", "magnitude"),
 ]
+ELSEWHERE = [  # (label, model, hardware changes)
+    ("digits MLP", MLP, {}),
+    ("pruned CNN", PRUNED, {}),
+    ("CNN, r_wire 1 ohm", CNN, {"r_wire": 1.0}),
+    ("CNN, r_wire 3 ohm", CNN, {"r_wire": 3.0}),
+    ("CNN, 64 x 64 crossbars", CNN, {"rows": 64, "cols": 64}),
+]
 
 
 def measure(seeds: int = SEEDS) -> list[dict]:
     rows = []
     for label, model, remap, sensitivity in MODES:
-        started = time.perf_counter()
-        mapping = xcompile.compile_model(model, progress=False, remap=remap, sensitivity=sensitivity, calibration="digits", **HARDWARE)
-        compile_seconds = time.perf_counter() - started
-        result = evaluate(mapping, "digits", trials=seeds, seed=1, progress=False)
-        drops = [result["float_accuracy"] - t["accuracy"] for t in result["per_trial"]]
-        rows.append({
-            "model": label, "remap": remap, "sensitivity": sensitivity, "compile_seconds": round(compile_seconds, 2),
-            "float_accuracy": result["float_accuracy"], "accuracy_mean": result["crossbar_accuracy_mean"],
-            "accuracy_std": result["crossbar_accuracy_std"], "drop_mean": float(np.mean(drops)), "drop_std": float(np.std(drops, ddof=1)),
-        })
+        rows.append({"model": label, "remap": remap, "sensitivity": sensitivity, **_run(model, remap, sensitivity, HARDWARE, seeds)})
         baseline = next(r for r in rows if r["model"] == label and r["remap"] == "none")
-        rows[-1]["recovery"] = (baseline["drop_mean"] - rows[-1]["drop_mean"]) / baseline["drop_mean"] if baseline["drop_mean"] > 0 else 0.0
+        rows[-1]["recovery"] = _recovery(baseline, rows[-1])
         print(_line(rows[-1]), flush=True)
     return rows
+
+
+def elsewhere(seeds: int = SEEDS) -> None:
+    """Static (default sensitivity) against the layer's own order on other models and hardware."""
+    print(f"static vs none elsewhere ({seeds} seeds; 128 x 128, r_wire 2 ohm, sigma 0.05 unless named):")
+    for label, model, changes in ELSEWHERE:
+        none, static = (_run(model, remap, "magnitude", {**HARDWARE, **changes}, seeds) for remap in ("none", "static"))
+        print(f"  {label:<22} drop {100 * none['drop_mean']:6.2f} -> {100 * static['drop_mean']:6.2f} pts  "
+              f"recovery {100 * _recovery(none, static):6.1f}%", flush=True)
+
+
+def _run(model: Path, remap: str, sensitivity: str, hardware: dict, seeds: int) -> dict:
+    started = time.perf_counter()
+    mapping = xcompile.compile_model(model, progress=False, remap=remap, sensitivity=sensitivity, calibration="digits", **hardware)
+    compile_seconds = time.perf_counter() - started
+    result = evaluate(mapping, "digits", trials=seeds, seed=1, progress=False)
+    drops = [result["float_accuracy"] - t["accuracy"] for t in result["per_trial"]]
+    return {
+        "compile_seconds": round(compile_seconds, 2), "float_accuracy": result["float_accuracy"],
+        "accuracy_mean": result["crossbar_accuracy_mean"], "accuracy_std": result["crossbar_accuracy_std"],
+        "drop_mean": float(np.mean(drops)), "drop_std": float(np.std(drops, ddof=1)),
+    }
+
+
+def _recovery(baseline: dict, row: dict) -> float:
+    return (baseline["drop_mean"] - row["drop_mean"]) / baseline["drop_mean"] if baseline["drop_mean"] > 0 else 0.0
 
 
 def _line(r: dict) -> str:
@@ -103,7 +129,11 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=SEEDS)
     parser.add_argument("--json", action="store_true", help="print the rows as JSON at the end")
     parser.add_argument("--write-docs", action="store_true", help="write docs/studies/remap.png and remap_results.md")
+    parser.add_argument("--elsewhere", action="store_true", help="only static vs none on other models and hardware")
     args = parser.parse_args()
+    if args.elsewhere:
+        elsewhere(args.seeds)
+        return
     started = time.perf_counter()
     rows = measure(args.seeds)
     if args.write_docs:

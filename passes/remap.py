@@ -7,8 +7,8 @@ permutation in `Layer.output_order`; the runtime undoes it with one gather after
 - static: chain-gain matching, from the physics of the layer's own cells (no data, no network
   simulation). With ideal converters nothing undoes a column's loss, so output k's signal reaches
   the next MVM layer scaled twice: by the gain of the crossbar column it sits in and by the gain
-  of the next layer's rows that read channel k (rows near the sense end keep up to 4x more than
-  rows far from it). Static gives the positions that keep least the channels the next layer
+  of the next layer's rows that read channel k (rows near the sense end keep several times
+  more than rows far from it). Static gives the positions that keep least the channels the next layer
   reads strongest, so that every channel's product of the two is as even as the profiles allow:
   a position's gain comes from a tile whose columns all carry the layer's average column, each
   output's own load factor and the next layer's row gains from the exact G_eff of the tiles with
