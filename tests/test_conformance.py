@@ -88,6 +88,12 @@ def test_onnx_backend_model(folder):
 def test_real_architectures_with_constant_of_shape_weights(name):
     """ONNX's 'light' model zoo graphs (opset 9, weights made by ConstantOfShape, BN inputs fed)."""
     m = onnx.load(DATA / "light" / f"{name}.onnx")
+    if m.graph.node[-1].op_type == "Softmax":
+        # The constant weights drive the logits to ~1e10, where float rounding (1e-7 relative, ours or
+        # ORT's summation order) decides a softmax over exact ties: compare the logits instead.
+        logits = m.graph.node[-1].input[0]
+        m.graph.node.pop()
+        m.graph.output[0].name = logits
     inits = {t.name for t in m.graph.initializer}
     rng = np.random.default_rng(0)
     feeds = {}
