@@ -32,7 +32,7 @@ class NodeArg:
 
     name: str
     type: str
-    shape: list
+    shape: list | None
 
 
 class Session:
@@ -183,13 +183,12 @@ class Session:
                 value = np.asarray(value)
                 want = _numpy_dtype(arg.type)
                 if want is not None and value.dtype != want:
-                    raise XCompileError(f"input '{name}' has dtype {value.dtype}, the model expects {want} ({arg.type})")
+                    raise XCompileError(
+                        f"input '{name}': unexpected data type tensor({_type_name(value.dtype)}), the model expects {arg.type}"
+                    )
                 if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
                     raise XCompileError(f"input '{name}' holds NaN or infinite values")
-                if len(arg.shape) != value.ndim or any(
-                    isinstance(d, int) and d != s for d, s in zip(arg.shape, value.shape)
-                ):
-                    raise XCompileError(f"input '{name}' has shape {list(value.shape)}, the model expects {arg.shape}")
+                _check_shape(name, value.shape, arg.shape)
             env[name] = value
         return env
 
@@ -408,11 +407,31 @@ def _node_arg(value: onnx.ValueInfoProto) -> NodeArg:
     t = value.type
     if t.HasField("tensor_type"):
         type_name = onnx.TensorProto.DataType.Name(t.tensor_type.elem_type).lower()
-        shape = [
-            d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.tensor_type.shape.dim
-        ]
+        shape = None  # no shape declared: any shape, as in ONNX Runtime
+        if t.tensor_type.HasField("shape"):
+            shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.tensor_type.shape.dim]
         return NodeArg(value.name, f"tensor({type_name})", shape)
     return NodeArg(value.name, t.WhichOneof("value") or "unknown", [])
+
+
+def _check_shape(name: str, shape: tuple, declared: list | None) -> None:
+    """What ONNX Runtime checks: the rank, and every dimension the model fixes to a size
+    (symbolic, unnamed and negative dimensions take any size)."""
+    if declared is None:
+        return
+    if len(declared) != len(shape):
+        raise XCompileError(f"input '{name}': invalid rank {len(shape)} (shape {list(shape)}), the model expects rank {len(declared)} ({declared})")
+    wrong = [(i, s, d) for i, (s, d) in enumerate(zip(shape, declared)) if isinstance(d, int) and d >= 0 and d != s]
+    if wrong:
+        listed = ", ".join(f"index {i} got {s} expected {d}" for i, s, d in wrong)
+        raise XCompileError(f"input '{name}': invalid dimensions ({listed}); the model expects {declared}")
+
+
+def _type_name(dtype: np.dtype) -> str:
+    try:
+        return onnx.TensorProto.DataType.Name(helper.np_dtype_to_tensor_dtype(dtype)).lower()
+    except (KeyError, TypeError, ValueError):
+        return str(dtype)
 
 
 def _numpy_dtype(type_name: str):

@@ -17,7 +17,7 @@ import xcompile
 from xcompile.cli import main
 from builders import model, small_cnn, tensor
 
-SUMMARY_KEYS = {"hardware", "options", "passes", "layers", "totals", "digital_ops", "schedule"}
+SUMMARY_KEYS = {"hardware", "options", "passes", "layers", "totals", "digital_ops", "coverage", "schedule"}
 LAYER_KEYS = {
     "name", "op_type", "kind", "rows", "outputs", "groups", "weights", "tiles", "crossbars",
     "cells_used", "cells_total", "utilisation", "encoding", "scale", "columns",

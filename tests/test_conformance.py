@@ -73,7 +73,7 @@ def test_the_backend_cases_are_there():
 @pytest.mark.parametrize("folder", CASES, ids=[c.name for c in CASES])
 def test_onnx_backend_model(folder):
     m, feeds, expected = _load_case(folder)
-    got, mapping = _ideal(m, feeds)
+    got, mapping = _ideal(m, feeds, allow_empty=True)  # weights fed as inputs: nothing to map
     for g, e in zip(got, expected):
         assert _relative(g, e) <= 1e-5
     # and with the weights that the test feeds made constant, every Conv / Gemm is mapped
@@ -342,3 +342,33 @@ def test_random_chain_with_a_residual_across_mvm_layers(seed, channels):
     inits = [numpy_helper.from_array(v, n) for v, n in ((w1, "w1"), (w2, "w2"), (w3, "w3"))]
     mdl = model(nodes, [tensor("x", ["N", channels, 4, 4])], [tensor("y", ["N", 4]), tensor("side", ["N", channels, 4, 4])], inits)
     _checked(mdl, {"x": rng.normal(size=(2, channels, 4, 4)).astype(np.float32)}, rows=16, cols=8)
+
+
+# ---- shapes as ONNX Runtime accepts them ---------------------------------------------------
+
+
+def test_minus_one_and_symbolic_dims_take_any_size_and_untyped_outputs_are_fine():
+    rng = np.random.default_rng(5)
+    w = numpy_helper.from_array(rng.normal(size=(4, 3, 3, 3)).astype(np.float32), "w")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["y"])]
+    m = model(nodes, [tensor("x", [-1, 3, "?", "width"])], [onnx.ValueInfoProto(name="y")], [w])
+    for shape in ([1, 3, 5, 5], [2, 3, 4, 7]):
+        _checked(m, {"x": rng.normal(size=shape).astype(np.float32)})
+
+
+@pytest.mark.parametrize(
+    "x, message",
+    [
+        (np.zeros((2, 4, 5, 5), np.float32), r"input 'x': invalid dimensions \(index 1 got 4 expected 3\)"),
+        (np.zeros((3, 5, 5), np.float32), r"input 'x': invalid rank 3"),
+        (np.zeros((2, 3, 5, 5), np.float64), r"input 'x': unexpected data type tensor\(double\), the model expects tensor\(float\)"),
+    ],
+)
+def test_feeds_are_refused_where_onnxruntime_refuses_them(x, message):
+    w = numpy_helper.from_array(np.ones((2, 3, 1, 1), np.float32), "w")
+    m = model([helper.make_node("Conv", ["x", "w"], ["y"])], [tensor("x", [-1, 3, "h", "w_"])], [tensor("y", None)], [w])
+    with pytest.raises(Exception):
+        ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    session = xcompile.Session(xcompile.compile_model(m, ideal=True, progress=False))
+    with pytest.raises(xcompile.XCompileError, match=message):
+        session.run(None, {"x": x})

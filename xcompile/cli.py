@@ -93,6 +93,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--stuck-slices", type=int, help="bit stucking: the k lowest-order slice columns it applies to (default 0)")
     p.add_argument("--seed", type=int, help="seed of random compile decisions (which cells bit stucking rewrites; default 0)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary line")
+    p.add_argument("--strict", action="store_true", help="a weight-bearing op left digital is an error, not a warning")
+    p.add_argument("--allow-empty", action="store_true", help="compile a model that has nothing to map onto crossbars")
     p.set_defaults(handler=_compile)
 
     p = sub.add_parser("inspect", help="show what went where in a mapping")
@@ -160,6 +162,7 @@ def _hardware_options(args) -> dict:
 
 
 def _compile(args) -> int:
+    from xcompile.coverage import describe
     from xcompile.pipeline import compile_model
 
     options = {
@@ -185,14 +188,19 @@ def _compile(args) -> int:
     }
     options.update(_hardware_options(args))
     started = time.perf_counter()
-    mapping = compile_model(args.model, progress=False if args.quiet else None, calibration=args.calibration, **options)
+    mapping = compile_model(
+        args.model, progress=False if args.quiet else None, calibration=args.calibration,
+        strict=args.strict, allow_empty=args.allow_empty, **options,
+    )
     mapping.save(args.output)
     if not args.quiet:
-        totals = mapping.summary()["totals"]
+        info = mapping.summary()
+        totals = info["totals"]
         print(
             f"wrote {args.output}: {totals['layers']} MVM layers, {totals['tiles']} tiles on "
             f"{mapping.hardware.rows}x{mapping.hardware.cols} crossbars, "
-            f"{totals['utilisation']:.1%} of cells used ({time.perf_counter() - started:.2f} s)"
+            f"{totals['utilisation']:.1%} of cells used, {describe(info['coverage'])} "
+            f"({time.perf_counter() - started:.2f} s)"
         )
     return 0
 

@@ -8,6 +8,7 @@ ConstantOfShape, ...) is onnxscript's optimizer over onnx_ir, not ours.
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import onnx_ir.passes.common as common_passes
 from google.protobuf.message import DecodeError
 from onnxscript.optimizer import fold_constants
 
+from xcompile.coverage import REASON_KEY
 from xcompile.errors import XCompileError
 from xcompile.ir import CUSTOM_DOMAIN, MVM_OP, Layer, frozen_array
 
@@ -46,8 +48,9 @@ def load_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
             raise XCompileError(f"{where} is not a readable ONNX model: {_first_line(exc)}") from None
     if not model.HasField("graph") or model.ir_version < 3:
         raise XCompileError(f"{where} is not an ONNX model (no graph or IR version {model.ir_version})")
+    model = _with_output_types(model)
     try:
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(_without_untyped_outputs(model))
     except (onnx.checker.ValidationError, ValueError) as exc:
         raise XCompileError(f"{where} is not a valid ONNX model: {_first_line(exc)}") from None
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
@@ -66,6 +69,38 @@ def load_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
     except (onnx.shape_inference.InferenceError, ValueError) as exc:
         raise XCompileError(f"{where}: shapes do not fit: {_first_line(exc)}") from None
     return model
+
+
+def _untyped(value: onnx.ValueInfoProto) -> bool:
+    kind = value.type.WhichOneof("value")
+    return kind is None or (kind == "tensor_type" and not value.type.tensor_type.HasField("shape"))
+
+
+def _with_output_types(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Graph outputs declared without a type or shape (ONNX Runtime runs such models; ONNX's
+    checker refuses them) get what shape inference finds for them."""
+    if not any(_untyped(o) for o in model.graph.output):
+        return model
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # C++ inference errors; the checks below name the real problem
+        return model
+    model = copy.deepcopy(model)
+    for output, found in zip(model.graph.output, inferred.graph.output):
+        if _untyped(output) and not _untyped(found):
+            output.CopyFrom(found)
+    return model
+
+
+def _without_untyped_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model as the checker sees it: outputs nothing could type are left out of its view."""
+    if not any(_untyped(o) for o in model.graph.output):
+        return model
+    view = copy.deepcopy(model)
+    keep = [o for o in view.graph.output if not _untyped(o)]
+    del view.graph.output[:]
+    view.graph.output.extend(keep)
+    return view
 
 
 def extract_layers(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Layer], list[str]]:
@@ -90,7 +125,11 @@ def extract_layers(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Layer]
         if node.domain not in ("", "ai.onnx") or node.op_type not in MVM_OPS:
             continue
         name = _unique(node.name or f"{node.op_type}_{position}", names)
-        built = _build_layer(node, len(layers), name)
+        try:
+            built = _build_layer(node, len(layers), name)
+        except Unsupported as exc:  # stays on ONNX Runtime; coverage reports it with this reason
+            node.metadata_props[REASON_KEY] = str(exc)
+            continue
         if built is None:  # an activation x activation product: stays digital
             continue
         layer, digital_bias = built
@@ -169,6 +208,10 @@ def _constant_producers(value: ir.Value) -> set | None:
     return nodes
 
 
+class Unsupported(Exception):
+    """A weight-bearing node xcompile cannot map: it stays on ONNX Runtime, the message says why."""
+
+
 def _build_layer(node: ir.Node, index: int, name: str):
     op = node.op_type
     where = f"node '{node.name or name}' ({op})"
@@ -177,12 +220,12 @@ def _build_layer(node: ir.Node, index: int, name: str):
         x, w, b = inputs[:3]
         weight = _const(w)
         if weight is None:
-            raise XCompileError(f"{where}: the weight input '{_vname(w)}' is not a constant; a crossbar needs constant weights")
+            raise Unsupported(f"the weight input '{_vname(w)}' is not a constant; a crossbar needs constant weights")
         bias = None
         if b is not None:
             bias = _const(b)
             if bias is None:
-                raise XCompileError(f"{where}: the bias input '{_vname(b)}' is not a constant")
+                raise Unsupported(f"the bias input '{_vname(b)}' is not a constant")
         matrix, geometry, bias = _conv_layer(node, where, weight, bias, _static_shape(x))
         return _layer(index, name, node, "conv" if op == "Conv" else "conv_transpose", geometry, matrix, bias, x), None
     if op == "MatMul":
@@ -211,7 +254,7 @@ def _build_layer(node: ir.Node, index: int, name: str):
     else:
         return None
     if weight.ndim != 2:
-        raise XCompileError(f"{where}: Gemm operands must be 2-D, the constant one has shape {list(weight.shape)}")
+        raise Unsupported(f"Gemm operands must be 2-D, the constant one has shape {list(weight.shape)}")
     bias, digital_bias = None, None
     if c is not None:
         cval = _const(c)
@@ -225,8 +268,8 @@ def _build_layer(node: ir.Node, index: int, name: str):
 
 def _dense_from_matmul(node, index, name, where, weight, x, weight_left: bool) -> Layer:
     if weight.ndim > 2:
-        raise XCompileError(
-            f"{where}: the constant operand has shape {list(weight.shape)}, a batch of matrices; "
+        raise Unsupported(
+            f"the constant operand has shape {list(weight.shape)}, a batch of matrices; "
             "xcompile maps 1-D and 2-D constant MatMul operands"
         )
     squeeze = weight.ndim == 1

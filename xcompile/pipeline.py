@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from xcompile.artifact import Mapping
 from xcompile.config import split_options
+from xcompile.coverage import coverage, describe
 from xcompile.frontend import extract_layers, load_model
 from xcompile.errors import XCompileError
 from xcompile.ir import PassRecord, Program
@@ -23,13 +24,16 @@ PIPELINE = (quantize, remap, encode, tile, assign, schedule)
 
 
 def compile_model(
-    source: str | os.PathLike | onnx.ModelProto, *, progress: bool | None = None, calibration=None, **options: Any
+    source: str | os.PathLike | onnx.ModelProto, *, progress: bool | None = None, calibration=None,
+    strict: bool = False, allow_empty: bool = False, **options: Any,
 ) -> Mapping:
     """Compile an ONNX model (path or ModelProto) for crossbars; options as in `xcompile --help`.
 
     progress: show a progress bar (None: only when stderr is a terminal).
     calibration: data the data-driven passes measure the model on (remap='dynamic', or
     sensitivity='taylor' / 'perturbation'): 'digits', an .npz with x (and labels y), (x, y) or x.
+    strict: a weight-bearing op left digital is an error (else a warning names it).
+    allow_empty: compile a model with no crossbar layer (else an error: nothing would be mapped).
     """
     compile_options, hardware = split_options(options)
     if compile_options.needs_calibration and calibration is None:
@@ -61,6 +65,7 @@ def compile_model(
                 seconds=round(time.perf_counter() - started, 6),
             )
             program = dataclasses.replace(result.program, history=program.history + (record,))
+    _check_coverage(program, strict, allow_empty)
     for layer in program.layers:
         if layer.notes.get("acm_clipped_cells"):
             warnings.warn(
@@ -69,6 +74,25 @@ def compile_model(
                 stacklevel=2,
             )
     return Mapping(program)
+
+
+def _check_coverage(program: Program, strict: bool, allow_empty: bool) -> None:
+    """Never a silent skip: weight-bearing ops left digital are named (an error with strict), and a
+    model with nothing on crossbars is an error unless allowed."""
+    info = coverage(program)
+    left = info["left_digital"]
+    shown = "; ".join(f"{e['node']} ({e['op_type']}, {e['weights']:,} weights): {e['reason']}" for e in left[:5])
+    shown += f"; and {len(left) - 5} more (xcompile inspect lists them)" if len(left) > 5 else ""
+    if not program.layers and not allow_empty:
+        raise XCompileError(
+            "the model has no MVM layer to map onto crossbars"
+            + (f" (left digital: {shown})" if left else "")
+            + "; allow_empty (--allow-empty) compiles it anyway"
+        )
+    if left:
+        if strict:
+            raise XCompileError(f"strict: {describe(info)}: {shown}")
+        warnings.warn(f"{describe(info)}: {shown}", stacklevel=3)
 
 
 def _pass_options(name: str, program: Program, calibration: Calibration | None) -> dict[str, Any]:

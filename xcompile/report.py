@@ -12,6 +12,7 @@ import networkx as nx
 from xcompile.errors import XCompileError
 from xcompile.fileio import atomic_output
 from xcompile import reprogramming
+from xcompile.coverage import coverage, describe
 from xcompile.ir import Program
 
 GRAPH_FORMATS = (".graphml", ".dot", ".gv", ".json")
@@ -80,6 +81,7 @@ def summary(program: Program) -> dict[str, Any]:
             else sum(l["adc_conversions_per_inference"] for l in layers),
         },
         "digital_ops": list(program.digital_nodes),
+        "coverage": coverage(program),
         "schedule": reprogramming.summary(program.schedule),
     }
 
@@ -124,10 +126,24 @@ def format_summary(info: dict[str, Any]) -> str:
         *_remap_lines(info),
         *reprogramming.format_schedule(info.get("schedule")),
         "",
+        *_coverage_lines(info.get("coverage")),
         f"digital (ONNX Runtime): {', '.join(info['digital_ops']) or 'nothing'}",
         "passes: " + " -> ".join(p["name"] for p in info["passes"]),
     ]
     return "\n".join(lines)
+
+
+def _coverage_lines(info: dict[str, Any] | None) -> list[str]:
+    """The share of weights on crossbars, and every weight-bearing op left digital with its reason."""
+    if info is None:
+        return []
+    lines = [f"coverage: {describe(info)} ({info['weights_on_crossbars']:,} of "
+             f"{info['weights_on_crossbars'] + info['weights_digital']:,} weight elements)"]
+    if info["fraction_on_crossbars"] is None:
+        lines[0] = "coverage: NOTE nothing is mapped: the model has no weight-bearing op xcompile found"
+    for entry in info["left_digital"]:
+        lines.append(f"  LEFT DIGITAL {entry['node']} ({entry['op_type']}, {entry['weights']:,} weights): {entry['reason']}")
+    return lines
 
 
 def _remap_lines(info: dict[str, Any], shown: int = 16) -> list[str]:

@@ -1,0 +1,97 @@
+"""Coverage said loudly: the share of weights on crossbars, every weight-bearing op left digital
+named with its reason (a warning, an error with strict), and nothing-to-map is an error."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+import xcompile
+from builders import model, tensor
+from xcompile.cli import main
+
+
+def _half_mapped():
+    """A Gemm (mapped) feeding a MatMul with a batch of matrices (left digital)."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.normal(size=(6, 8)).astype(np.float32), "w")
+    batched = numpy_helper.from_array(rng.normal(size=(2, 4, 3)).astype(np.float32), "batched")
+    nodes = [
+        helper.make_node("Gemm", ["x", "w"], ["h"], name="fc"),
+        helper.make_node("Reshape", ["h", "shape"], ["r"]),
+        helper.make_node("MatMul", ["r", "batched"], ["y"], name="per_head"),
+    ]
+    shape = numpy_helper.from_array(np.array([-1, 2, 1, 4], np.int64), "shape")
+    return model(nodes, [tensor("x", ["N", 6])], [tensor("y", ["N", 2, 1, 3])], [w, batched, shape])
+
+
+def test_weights_left_digital_are_named_with_their_reason_and_counted():
+    with pytest.warns(UserWarning, match=r"per_head \(MatMul, 24 weights\): .*batch of matrices"):
+        mapping = xcompile.compile_model(_half_mapped(), ideal=True, progress=False)
+    info = mapping.summary()["coverage"]
+    assert info["weights_on_crossbars"] == 48 and info["weights_digital"] == 24
+    assert info["fraction_on_crossbars"] == pytest.approx(48 / 72, abs=1e-6)
+    assert [e["node"] for e in info["left_digital"]] == ["per_head"]
+    x = np.random.default_rng(1).normal(size=(3, 6)).astype(np.float32)
+    import onnxruntime as ort
+
+    expected = ort.InferenceSession(_half_mapped().SerializeToString()).run(None, {"x": x})[0]
+    got = xcompile.Session(mapping).run(None, {"x": x})[0]
+    assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+def test_strict_makes_a_weight_left_digital_an_error():
+    with pytest.raises(xcompile.XCompileError, match="strict: .*per_head"):
+        xcompile.compile_model(_half_mapped(), ideal=True, progress=False, strict=True)
+
+
+def test_a_model_with_nothing_to_map_is_an_error_unless_allowed(tmp_path, capsys):
+    relu = model([helper.make_node("Relu", ["x"], ["y"])], [tensor("x", ["N", 4])], [tensor("y", ["N", 4])])
+    with pytest.raises(xcompile.XCompileError, match="no MVM layer.*allow_empty"):
+        xcompile.compile_model(relu, progress=False)
+    onnx.save(relu, tmp_path / "relu.onnx")
+    assert main(["compile", str(tmp_path / "relu.onnx"), "-o", str(tmp_path / "m.bin")]) == 2
+    assert not (tmp_path / "m.bin").exists()
+    assert main(["compile", str(tmp_path / "relu.onnx"), "-o", str(tmp_path / "m.bin"), "--allow-empty", "-q"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "m.bin")]) == 0
+    assert "nothing is mapped" in capsys.readouterr().out
+    assert main(["inspect", str(tmp_path / "m.bin"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["coverage"]["fraction_on_crossbars"] is None
+
+
+def test_compile_line_and_inspect_report_coverage(tmp_path, capsys):
+    onnx.save(_half_mapped(), tmp_path / "half.onnx")
+    assert main(["compile", str(tmp_path / "half.onnx"), "-o", str(tmp_path / "m.bin"), "--ideal"]) == 0
+    captured = capsys.readouterr()
+    assert "66.7% of weights on crossbars, 1 weight-bearing op(s) left digital" in captured.out
+    assert "warning" in captured.err and "per_head" in captured.err
+    assert main(["inspect", str(tmp_path / "m.bin")]) == 0
+    assert "LEFT DIGITAL per_head (MatMul, 24 weights)" in capsys.readouterr().out
+    assert main(["compile", str(tmp_path / "half.onnx"), "-o", str(tmp_path / "s.bin"), "--strict"]) == 2
+    assert not (tmp_path / "s.bin").exists()
+
+
+def test_weights_inside_an_if_branch_are_reported_not_skipped_in_silence():
+    rng = np.random.default_rng(2)
+    w_then = numpy_helper.from_array(rng.normal(size=(4, 3)).astype(np.float32), "w_then")
+    branch = lambda name, op: helper.make_graph(  # noqa: E731
+        [helper.make_node(op, ["x", "w_then"] if op == "MatMul" else ["x"], [f"{name}_y"], name=f"{name}_node")]
+        if op == "MatMul" else [helper.make_node("ReduceSum", ["x", "axes"], [f"{name}_y"], keepdims=1)],
+        name, [], [tensor(f"{name}_y", None)],
+    )
+    axes = numpy_helper.from_array(np.array([1], np.int64), "axes")
+    nodes = [
+        helper.make_node("Gemm", ["x", "w0"], ["h"], name="fc"),
+        helper.make_node("If", ["flag"], ["y"], then_branch=branch("then", "MatMul"), else_branch=branch("else", "Sum"), name="choose"),
+    ]
+    w0 = numpy_helper.from_array(rng.normal(size=(4, 2)).astype(np.float32), "w0")
+    m = model(nodes, [tensor("x", ["N", 4]), tensor("flag", [], onnx.TensorProto.BOOL)],
+              [tensor("y", None), tensor("h", ["N", 2])], [w_then, w0, axes])
+    with pytest.warns(UserWarning, match="choose/then_branch/then_node.*inside the If body"):
+        mapping = xcompile.compile_model(m, ideal=True, progress=False)
+    assert mapping.summary()["coverage"]["weights_digital"] == 12
