@@ -33,6 +33,8 @@ def run(program: Program, progress=None) -> PassResult:
 def _quantize(layer: Layer, top: int, ideal: bool) -> Layer:
     largest = float(np.abs(layer.weight).max(initial=0.0))
     scale = largest / top if largest > 0 else 1.0
+    if layer.notes.get("integer_weights") and largest <= top:  # a quantised model's integers: one level per step
+        scale = 1.0
     if ideal:
         return dataclasses.replace(layer, scale=scale, weight_q=None)
     weight_q = np.clip(np.rint(layer.weight / scale), -top, top).astype(np.int32)

@@ -33,6 +33,10 @@ WEIGHT_OPERANDS: dict[tuple[str, str], tuple[int, ...]] = {
 CONTROL_FLOW = ("If", "Loop", "Scan")
 
 
+class Unsupported(Exception):
+    """A weight-bearing node xcompile cannot map: it stays on ONNX Runtime, the message says why."""
+
+
 def _domain(node: onnx.NodeProto) -> str:
     return "" if node.domain in ("", "ai.onnx") else node.domain
 

@@ -9,6 +9,7 @@ ConstantOfShape, ...) is onnxscript's optimizer over onnx_ir, not ours.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 from pathlib import Path
 
@@ -20,7 +21,8 @@ import onnx_ir.passes.common as common_passes
 from google.protobuf.message import DecodeError
 from onnxscript.optimizer import fold_constants
 
-from xcompile.coverage import REASON_KEY
+from xcompile.coverage import REASON_KEY, Unsupported
+from xcompile.frontend_quant import INTEGER_KEY, SOURCE_KEY, lower_quantized
 from xcompile.errors import XCompileError
 from xcompile.ir import CUSTOM_DOMAIN, MVM_OP, Layer, frozen_array
 
@@ -117,6 +119,7 @@ def extract_layers(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Layer]
         should_fold=lambda node: True if node in weight_makers else None,
     )
     _fold_with_onnxruntime(model_ir)
+    lower_quantized(model_ir.graph)
 
     graph = model_ir.graph
     layers: list[Layer] = []
@@ -133,6 +136,9 @@ def extract_layers(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Layer]
         if built is None:  # an activation x activation product: stays digital
             continue
         layer, digital_bias = built
+        if SOURCE_KEY in node.metadata_props:  # lowered from a quantised or fused op (frontend_quant.py)
+            notes = {**layer.notes, **({"integer_weights": True} if node.metadata_props.get(INTEGER_KEY) == "1" else {})}
+            layer = dataclasses.replace(layer, op_type=node.metadata_props[SOURCE_KEY], notes=notes)
         layers.append(layer)
         _replace_with_mvm(graph, node, layer, digital_bias)
 
@@ -206,10 +212,6 @@ def _constant_producers(value: ir.Value) -> set | None:
             nodes.add(producer)
             stack.extend(v for v in producer.inputs if v is not None)
     return nodes
-
-
-class Unsupported(Exception):
-    """A weight-bearing node xcompile cannot map: it stays on ONNX Runtime, the message says why."""
 
 
 def _build_layer(node: ir.Node, index: int, name: str):

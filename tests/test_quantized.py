@@ -1,0 +1,161 @@
+"""Quantised ONNX on crossbars: integer weights map to levels, the model's own quantisation stays
+digital, and ideal mode equals ONNX Runtime exactly (integer outputs bit for bit)."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+
+import onnx_node_cases
+import xcompile
+from builders import model, tensor
+
+MODELS = Path(__file__).resolve().parents[1] / "models"
+QUANT_WEIGHTS = {  # op -> positions of its weight, weight scale and zero point inputs
+    "QLinearMatMul": (1, 2, 3, 4, 5, 6, 7), "QLinearConv": (1, 2, 3, 4, 5, 6, 7, 8),
+    "ConvInteger": (1, 2, 3), "MatMulInteger": (1, 2, 3),
+}
+
+
+def _reference(m: onnx.ModelProto, feeds: dict) -> list:
+    return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def _compiled(m, **options):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mapping = xcompile.compile_model(m, progress=False, **options)
+    return mapping, [str(w.message) for w in caught]
+
+
+def _assert_equal_to_ort(m, feeds, **options):
+    mapping, caught = _compiled(m, ideal=True, **options)
+    for got, expected in zip(xcompile.Session(mapping).run(None, feeds), _reference(m, feeds)):
+        assert got.dtype == expected.dtype and got.shape == expected.shape
+        if np.issubdtype(expected.dtype, np.integer):
+            np.testing.assert_array_equal(got, expected)
+        else:
+            assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
+    return mapping, caught
+
+
+# ONNX Runtime's CPU ConvInteger refuses the padded case, so there is nothing to equal
+NODE_CASES = [n for n in onnx_node_cases.names("test_qlinear", "test_convinteger", "test_matmulinteger") if n != "test_convinteger_with_padding"]
+
+
+@pytest.mark.parametrize("name", NODE_CASES)
+def test_onnx_node_cases_with_constant_weights(name):
+    m, feeds = onnx_node_cases.with_constant_weights(name, QUANT_WEIGHTS)
+    mapping, caught = _assert_equal_to_ort(m, feeds, allow_empty=True)
+    coverage = mapping.summary()["coverage"]
+    if mapping.layers:
+        assert coverage["fraction_on_crossbars"] == 1.0 and not caught
+        assert all(layer.notes["integer_weights"] for layer in mapping.layers)
+    else:  # batches of matrices and float16 scales stay digital, said so
+        assert "3D" in name or "float16" in name
+        assert coverage["left_digital"] and caught and coverage["left_digital"][0]["reason"] in caught[0]
+
+
+class _Reader:
+    def __init__(self, name, count=8):
+        self.batches = iter([{name: np.random.default_rng(i).uniform(0, 16, (4, 1, 8, 8)).astype(np.float32)} for i in range(count)])
+
+    def get_next(self):
+        return next(self.batches, None)
+
+
+def _quantized(source: Path, kind: str, folder: Path) -> Path:
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    target = folder / f"{source.stem}_{kind}.onnx"
+    name = onnx.load(source).graph.input[0].name
+    if kind == "dynamic":
+        quantize_dynamic(source, target, weight_type=QuantType.QInt8)
+    else:
+        quantize_static(
+            source, target, _Reader(name), quant_format=QuantFormat.QOperator if kind == "qoperator" else QuantFormat.QDQ,
+            per_channel=kind == "qdq_per_channel",
+        )
+    return target
+
+
+def _optimized(path: Path, folder: Path) -> Path:
+    """The model as ONNX Runtime's extended optimiser writes it (com.microsoft fused ops)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(folder / f"{path.stem}_optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return Path(options.optimized_model_filepath)
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "qdq", "qdq_per_channel", "qoperator"])
+@pytest.mark.parametrize("source", ["digits_cnn", "digits_mlp"])
+def test_models_quantised_by_onnxruntime_are_fully_mapped_and_exact(source, kind, tmp_path):
+    path = _quantized(MODELS / f"{source}.onnx", kind, tmp_path)
+    x = np.random.default_rng(7).uniform(0, 16, (32, 1, 8, 8)).astype(np.float32)
+    m = onnx.load(path)
+    for variant in (m, onnx.load(_optimized(path, tmp_path))):
+        mapping, caught = _assert_equal_to_ort(variant, {m.graph.input[0].name: x})
+        assert not caught and mapping.summary()["coverage"]["fraction_on_crossbars"] == 1.0
+        assert len(mapping.layers) == (5 if source == "digits_cnn" else 3)
+
+
+def test_float_fusions_of_onnxruntime_are_mapped(tmp_path):
+    path = _optimized(MODELS / "digits_cnn.onnx", tmp_path)
+    fused = {n.op_type for n in onnx.load(path).graph.node if n.domain == "com.microsoft"}
+    assert {"FusedConv", "FusedGemm"} <= fused
+    x = np.random.default_rng(8).uniform(0, 16, (16, 1, 8, 8)).astype(np.float32)
+    m = onnx.load(path)
+    mapping, caught = _assert_equal_to_ort(m, {m.graph.input[0].name: x})
+    assert not caught and {"FusedConv", "FusedGemm"} <= {l.op_type for l in mapping.layers}
+
+
+def test_integer_weights_are_the_cell_levels_themselves(tmp_path):
+    path = _quantized(MODELS / "digits_mlp.onnx", "qoperator", tmp_path)
+    mapping, _ = _compiled(path, weight_bits=8)
+    for layer in mapping.layers:
+        assert layer.scale == 1.0
+        np.testing.assert_array_equal(layer.weight_q, layer.weight)  # no re-quantisation
+
+
+@settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(
+    k=st.integers(1, 40), n=st.integers(1, 12), signed=st.booleans(), per_column=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_random_qlinear_matmul_requantises_like_onnxruntime(k, n, signed, per_column, seed):
+    rng = np.random.default_rng(seed)
+    a_type, a_np = (TensorProto.INT8, np.int8) if signed else (TensorProto.UINT8, np.uint8)
+    info = np.iinfo(a_np)
+    b = rng.integers(-127, 128, size=(k, n)).astype(np.int8)
+    scales = {
+        "a_scale": np.float32(rng.uniform(0.001, 0.1)), "y_scale": np.float32(rng.uniform(0.05, 2.0)),
+        "b_scale": rng.uniform(0.001, 0.1, size=n if per_column else ()).astype(np.float32),
+        "a_zero": np.array(rng.integers(info.min, info.max), a_np), "y_zero": np.array(rng.integers(info.min, info.max), a_np),
+        "b_zero": np.zeros(n if per_column else (), np.int8), "b": b,
+    }
+    inits = [numpy_helper.from_array(np.asarray(v), name) for name, v in scales.items()]
+    node = helper.make_node("QLinearMatMul", ["a", "a_scale", "a_zero", "b", "b_scale", "b_zero", "y_scale", "y_zero"], ["y"])
+    m = model([node], [tensor("a", ["M", k], a_type)], [tensor("y", ["M", n], a_type)], inits, opset=13)
+    a = rng.integers(info.min, info.max + 1, size=(5, k)).astype(a_np)
+    mapping, _ = _assert_equal_to_ort(m, {"a": a})
+    assert len(mapping.layers) == 1
+
+
+def test_unsupported_quantised_variant_is_named_and_stays_digital():
+    rng = np.random.default_rng(3)
+    b = numpy_helper.from_array(rng.integers(-5, 5, size=(2, 4, 3)).astype(np.int8), "b")  # a batch of matrices
+    node = helper.make_node("MatMulInteger", ["a", "b"], ["y"], name="batched")
+    m = model([node], [tensor("a", [2, 5, 4], TensorProto.UINT8)], [tensor("y", [2, 5, 3], TensorProto.INT32)], [b], opset=13)
+    with pytest.raises(xcompile.XCompileError, match=r"batched \(MatMulInteger, 24 weights\): the constant operand has shape \[2, 4, 3\]"):
+        xcompile.compile_model(m, progress=False)
+    mapping, _ = _assert_equal_to_ort(m, {"a": rng.integers(0, 9, size=(2, 5, 4)).astype(np.uint8)}, allow_empty=True)
+    assert mapping.summary()["coverage"]["weights_digital"] == 24
