@@ -21,8 +21,8 @@ from onnx import helper, numpy_helper
 
 from xcompile.config import Hardware, hardware_from
 from xcompile.errors import XCompileError
-from xcompile.ir import CUSTOM_DOMAIN, MVM_OP, Layer, Program
-from xcompile.runtime import digital
+from xcompile.ir import CUSTOM_DOMAIN, MVM_OP, RECURRENT_OP, Layer, Program
+from xcompile.runtime import digital, recurrent
 from xcompile.runtime.crossbar import ProgrammedLayer, read_energy
 
 
@@ -159,6 +159,10 @@ class Session:
             if isinstance(step, _Segment):
                 values = step.run([self._value(env, n) for n in step.inputs], run_options)
                 env.update(zip(step.outputs, values))
+            elif isinstance(step, _Recurrent):
+                values = [None if not n else self._value(env, n) for n in step.inputs]
+                results = recurrent.run(step.attributes, *values, mvm=lambda index, x: self._layers[index].run(x))
+                env.update((name, value) for name, value in zip(step.outputs, results) if name)
             else:
                 env[step.output] = self._layers[step.layer].run(self._value(env, step.input))
             for name in self._last_use.get(position, ()):
@@ -254,6 +258,19 @@ class _Mvm:
         return [self.input]
 
 
+@dataclass
+class _Recurrent:
+    """An LSTM / GRU / RNN: its recurrence runs here, its W and R layers on the crossbars."""
+
+    attributes: dict
+    inputs: list  # X, sequence_lens, initial_h, initial_c, P ('' when absent)
+    outputs: list
+
+    @property
+    def reads(self):
+        return [n for n in self.inputs if n]
+
+
 class _Segment:
     """A run of ONNX nodes executed by one ONNX Runtime session (built on first use per input types)."""
 
@@ -342,6 +359,11 @@ def _partition(model: onnx.ModelProto) -> list:
             layer = next(a.i for a in node.attribute if a.name == "layer")
             steps.append(_Mvm(int(layer), node.input[0], node.output[0]))
             produced_by_step.append({node.output[0]})
+        elif node.domain == CUSTOM_DOMAIN and node.op_type == RECURRENT_OP:
+            close_run()
+            inputs = (list(node.input) + [""] * 5)[:5]
+            steps.append(_Recurrent({a.name: _decoded(helper.get_attribute_value(a)) for a in node.attribute}, inputs, list(node.output)))
+            produced_by_step.append({o for o in node.output if o})
         else:
             run.append(node)
     close_run()
@@ -351,13 +373,13 @@ def _partition(model: onnx.ModelProto) -> list:
     for position in range(len(steps) - 1, -1, -1):
         needed_later[position] = set(wanted)
         step = steps[position]
-        wanted |= set(step.reads if isinstance(step, _Mvm) else (n for node in step for n in _reads(node)))
+        wanted |= set(step.reads if isinstance(step, (_Mvm, _Recurrent)) else (n for node in step for n in _reads(node)))
 
     initializers = {t.name for t in graph.initializer}
     typed = _inferred(model)
     done = []
     for position, step in enumerate(steps):
-        if isinstance(step, _Mvm):
+        if isinstance(step, (_Mvm, _Recurrent)):
             done.append(step)
             continue
         produced = produced_by_step[position]
@@ -369,6 +391,15 @@ def _partition(model: onnx.ModelProto) -> list:
         outputs = [o for node in step for o in node.output if o and o in needed_later[position]]
         done.append(_Segment(typed, step, reads, outputs))
     return done
+
+
+def _decoded(value):
+    """An attribute value with ONNX's byte strings as str."""
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, list):
+        return [_decoded(v) for v in value]
+    return value
 
 
 def _inferred(model: onnx.ModelProto) -> onnx.ModelProto:

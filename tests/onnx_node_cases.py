@@ -40,3 +40,8 @@ def with_constant_weights(name: str, weights: dict[str, tuple[int, ...]]):
     model.graph.input.extend(keep)
     model.graph.initializer.extend(numpy_helper.from_array(np.asarray(feeds[n]), n) for n in sorted(moved))
     return model, {n: v for n, v in feeds.items() if n not in moved}
+
+
+def expected(name: str) -> list:
+    """The case's expected outputs (ONNX's reference implementation)."""
+    return list(_all_cases()[name].data_sets[0][1])

@@ -23,11 +23,13 @@ from onnxscript.optimizer import fold_constants
 
 from xcompile.coverage import REASON_KEY, Unsupported
 from xcompile.frontend_quant import INTEGER_KEY, SOURCE_KEY, lower_quantized
+from xcompile.frontend_recurrent import RECURRENT_OPS, build_recurrent
 from xcompile.errors import XCompileError
 from xcompile.ir import CUSTOM_DOMAIN, MVM_OP, Layer, frozen_array
 
 MIN_OPSET = 9
 MVM_OPS = ("Gemm", "MatMul", "Conv", "ConvTranspose")
+WEIGHT_OPS = MVM_OPS + RECURRENT_OPS  # ops whose constant operands are folded to numbers
 _NO_LIMIT = 1 << 62
 
 
@@ -125,9 +127,18 @@ def extract_layers(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Layer]
     layers: list[Layer] = []
     names: set[str] = set()
     for position, node in enumerate(list(graph)):
-        if node.domain not in ("", "ai.onnx") or node.op_type not in MVM_OPS:
+        if node.domain not in ("", "ai.onnx") or node.op_type not in WEIGHT_OPS:
             continue
         name = _unique(node.name or f"{node.op_type}_{position}", names)
+        if node.op_type in RECURRENT_OPS:
+            try:
+                recurrent_layers, runtime_node = build_recurrent(node, len(layers), name)
+            except Unsupported as exc:
+                node.metadata_props[REASON_KEY] = str(exc)
+                continue
+            layers.extend(recurrent_layers)
+            ir.convenience.replace_nodes_and_values(graph, node, [node], [runtime_node], list(node.outputs), list(runtime_node.outputs))
+            continue
         try:
             built = _build_layer(node, len(layers), name)
         except Unsupported as exc:  # stays on ONNX Runtime; coverage reports it with this reason
@@ -153,7 +164,7 @@ def _weight_subgraph(graph: ir.Graph) -> set:
     """Nodes upstream of an MVM operand: folded even where the folder's defaults would not
     (ConstantOfShape, DequantizeLinear), since a crossbar needs the weights as numbers."""
     found: set = set()
-    stack = [v for node in graph if node.op_type in MVM_OPS and node.domain in ("", "ai.onnx") for v in node.inputs if v is not None]
+    stack = [v for node in graph if node.op_type in WEIGHT_OPS and node.domain in ("", "ai.onnx") for v in node.inputs if v is not None]
     while stack:
         producer = stack.pop().producer()
         if producer is not None and producer not in found:
@@ -167,7 +178,7 @@ def _fold_with_onnxruntime(model_ir: ir.Model) -> None:
     evaluator lacks at the model's opset, e.g. DequantizeLinear-13), and make them initializers."""
     graph = model_ir.graph
     pending = [
-        v for node in graph if node.op_type in MVM_OPS and node.domain in ("", "ai.onnx")
+        v for node in graph if node.op_type in WEIGHT_OPS and node.domain in ("", "ai.onnx")
         for v in list(node.inputs)[1:] if v is not None and v.const_value is None and v.producer() is not None
     ]
     for value in pending:

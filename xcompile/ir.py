@@ -215,3 +215,4 @@ class PassResult:
 
 CUSTOM_DOMAIN = "ai.xcompile"
 MVM_OP = "CrossbarMVM"
+RECURRENT_OP = "CrossbarRecurrent"  # an LSTM / GRU / RNN whose W and R are MVM layers (runtime/recurrent.py)
