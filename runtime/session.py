@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections import ChainMap
 import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -22,7 +23,7 @@ from onnx import helper, numpy_helper
 from xcompile.config import Hardware, hardware_from
 from xcompile.errors import XCompileError
 from xcompile.ir import CUSTOM_DOMAIN, MVM_OP, RECURRENT_OP, Layer, Program
-from xcompile.runtime import digital, recurrent
+from xcompile.runtime import control_flow, digital, recurrent
 from xcompile.runtime.crossbar import ProgrammedLayer, read_energy
 
 
@@ -63,9 +64,8 @@ class Session:
             layer.index: _LayerRunner(layer, ProgrammedLayer(layer, self.hardware, self._level_max, self.seed))
             for layer in program.layers
         }
-        self._steps = _partition(program.graph)
-        self._constants = {t.name: t for t in graph.initializer}
-        self._last_use = _last_uses(self._steps, [o.name for o in graph.output])
+        typed = _inferred(program.graph)
+        self._plan = _Plan(typed, typed.graph, {}, {})
         self._calibrated = not any(r.crossbar.needs_calibration for r in self._layers.values())
         if calibration is not None and not self._calibrated:
             self.calibrate(calibration)
@@ -155,20 +155,8 @@ class Session:
         if unknown:
             raise XCompileError(f"unknown output name(s) {unknown}; the model has {[o.name for o in self._outputs]}")
         env = self._check_feeds(input_feed)
-        for position, step in enumerate(self._steps):
-            if isinstance(step, _Segment):
-                values = step.run([self._value(env, n) for n in step.inputs], run_options)
-                env.update(zip(step.outputs, values))
-            elif isinstance(step, _Recurrent):
-                values = [None if not n else self._value(env, n) for n in step.inputs]
-                results = recurrent.run(step.attributes, *values, mvm=lambda index, x: self._layers[index].run(x))
-                env.update((name, value) for name, value in zip(step.outputs, results) if name)
-            else:
-                env[step.output] = self._layers[step.layer].run(self._value(env, step.input))
-            for name in self._last_use.get(position, ()):
-                if name not in names:
-                    env.pop(name, None)
-        return [self._value(env, n) for n in names]
+        self._plan.run(env, set(names), self._layers, run_options)
+        return [self._plan.value(env, n) for n in names]
 
     def _check_feeds(self, feeds: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(feeds, dict):
@@ -188,20 +176,14 @@ class Session:
                 want = _numpy_dtype(arg.type)
                 if want is not None and value.dtype != want:
                     raise XCompileError(
-                        f"input '{name}': unexpected data type tensor({_type_name(value.dtype)}), the model expects {arg.type}"
+                        f"input '{name}': unexpected data type tensor({_type_name(value.dtype)}) (numpy dtype {value.dtype}), "
+                        f"the model expects {arg.type}"
                     )
                 if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
                     raise XCompileError(f"input '{name}' holds NaN or infinite values")
                 _check_shape(name, value.shape, arg.shape)
             env[name] = value
         return env
-
-    def _value(self, env: dict, name: str):
-        if name in env:
-            return env[name]
-        if name in self._constants:
-            return numpy_helper.to_array(self._constants[name])
-        raise XCompileError(f"value '{name}' was not computed; the graph is not in topological order")
 
 
 class _LayerRunner:
@@ -271,13 +253,80 @@ class _Recurrent:
         return [n for n in self.inputs if n]
 
 
+class _Plan:
+    """The steps of one graph (the model's, or an If / Loop / Scan body with crossbar layers in it),
+    the constants it sees (its own and its enclosing graphs') and when each value is last read."""
+
+    def __init__(self, model: onnx.ModelProto, graph: onnx.GraphProto, outer_constants: dict, outer_types: dict):
+        self.constants = {**outer_constants, **{t.name: t for t in graph.initializer}}
+        values = list(graph.value_info) + list(graph.input) + list(graph.output)
+        self.types = {**outer_types, **{v.name: v.type for v in values if v.HasField("type")}}
+        self.inputs = [v.name for v in graph.input]
+        self.outputs = [v.name for v in graph.output]
+        self.steps = _partition(model, graph, self)
+        self.last_use = _last_uses(self.steps, self.outputs)
+
+    def run(self, env, wanted: set, layers: dict, run_options=None) -> None:
+        """Compute the graph's values into `env` (a dict, or a ChainMap over the enclosing scope)."""
+        for position, step in enumerate(self.steps):
+            if isinstance(step, _Segment):
+                values = step.run([self.value(env, n) for n in step.inputs], run_options)
+                env.update(zip(step.outputs, values))
+            elif isinstance(step, _Recurrent):
+                values = [None if not n else self.value(env, n) for n in step.inputs]
+                results = recurrent.run(step.attributes, *values, mvm=lambda index, x: layers[index].run(x))
+                env.update((name, value) for name, value in zip(step.outputs, results) if name)
+            elif isinstance(step, _ControlFlow):
+                results = step.run(env, self, layers, run_options)
+                env.update((name, value) for name, value in zip(step.outputs, results) if name)
+            else:
+                env[step.output] = layers[step.layer].run(self.value(env, step.input))
+            for name in self.last_use.get(position, ()):
+                if name not in wanted:
+                    env.pop(name, None)
+
+    def value(self, env, name: str):
+        if name in env:
+            return env[name]
+        if name in self.constants:
+            return numpy_helper.to_array(self.constants[name])
+        raise XCompileError(f"value '{name}' was not computed; the graph is not in topological order")
+
+
+class _ControlFlow:
+    """An If / Loop / Scan with crossbar layers in a body: the control flow runs here
+    (runtime/control_flow.py), each body as a plan of its own over the enclosing scope."""
+
+    def __init__(self, node: onnx.NodeProto, model: onnx.ModelProto, outer: "_Plan"):
+        self.op = node.op_type
+        self.attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute if a.type != onnx.AttributeProto.GRAPH}
+        self.bodies = {a.name: _Plan(model, a.g, outer.constants, outer.types) for a in node.attribute if a.type == onnx.AttributeProto.GRAPH}
+        self.inputs = list(node.input)
+        self.outputs = list(node.output)
+        self._reads = _reads(node)
+
+    @property
+    def reads(self):
+        return self._reads
+
+    def run(self, env, outer: "_Plan", layers: dict, run_options) -> list:
+        def run_body(name: str, inputs: list) -> list:
+            body = self.bodies[name]
+            scope = ChainMap(dict(zip(body.inputs, inputs)), env)
+            body.run(scope, set(body.outputs), layers, run_options)
+            return [body.value(scope, n) for n in body.outputs]
+
+        values = [None if not n else outer.value(env, n) for n in self.inputs]
+        return control_flow.RUN[self.op](self.attributes, values, run_body, self.bodies)
+
+
 class _Segment:
     """A run of ONNX nodes executed by one ONNX Runtime session (built on first use per input types)."""
 
-    def __init__(self, model: onnx.ModelProto, nodes: list, inputs: list[str], outputs: list[str]):
+    def __init__(self, model: onnx.ModelProto, nodes: list, inputs: list[str], outputs: list[str], constants: dict, types: dict):
         self._model, self._nodes = model, nodes
         self.inputs, self.outputs = inputs, outputs
-        self._types = {v.name: v.type for v in list(model.graph.value_info) + list(model.graph.input)}
+        self._constants, self._types = constants, types
         self._sessions: dict[tuple, ort.InferenceSession] = {}
 
     @property
@@ -292,10 +341,9 @@ class _Segment:
         return session.run(self.outputs, dict(zip(self.inputs, values)), run_options)
 
     def _build(self, values: list) -> ort.InferenceSession:
-        graph = self._model.graph
         used = {name for node in self._nodes for name in _reads(node)}
         inputs = [self._input_info(name, value) for name, value in zip(self.inputs, values)]
-        initializers = [t for t in graph.initializer if t.name in used and t.name not in self.inputs]
+        initializers = [self._constants[n] for n in sorted(used) if n in self._constants and n not in self.inputs]
         sub = helper.make_graph(
             self._nodes, "xcompile_segment", inputs, [onnx.ValueInfoProto(name=n) for n in self.outputs], initializers
         )
@@ -340,9 +388,9 @@ def _seed(seed) -> int:
     return int(seed)
 
 
-def _partition(model: onnx.ModelProto) -> list:
-    """Cut the graph's nodes (topological order) into ORT segments and MVM steps."""
-    graph = model.graph
+def _partition(model: onnx.ModelProto, graph: onnx.GraphProto, plan: _Plan) -> list:
+    """Cut the graph's nodes (topological order) into ORT segments, MVM and recurrent steps, and
+    control-flow steps for If / Loop / Scan nodes with crossbar layers in their bodies."""
     steps: list = []
     run: list = []
     produced_by_step: list[set[str]] = []
@@ -364,6 +412,10 @@ def _partition(model: onnx.ModelProto) -> list:
             inputs = (list(node.input) + [""] * 5)[:5]
             steps.append(_Recurrent({a.name: _decoded(helper.get_attribute_value(a)) for a in node.attribute}, inputs, list(node.output)))
             produced_by_step.append({o for o in node.output if o})
+        elif _has_crossbar_layers(node):
+            close_run()
+            steps.append(_ControlFlow(node, model, plan))
+            produced_by_step.append({o for o in node.output if o})
         else:
             run.append(node)
     close_run()
@@ -373,24 +425,30 @@ def _partition(model: onnx.ModelProto) -> list:
     for position in range(len(steps) - 1, -1, -1):
         needed_later[position] = set(wanted)
         step = steps[position]
-        wanted |= set(step.reads if isinstance(step, (_Mvm, _Recurrent)) else (n for node in step for n in _reads(node)))
+        wanted |= set(step.reads if not isinstance(step, list) else (n for node in step for n in _reads(node)))
 
-    initializers = {t.name for t in graph.initializer}
-    typed = _inferred(model)
     done = []
     for position, step in enumerate(steps):
-        if isinstance(step, (_Mvm, _Recurrent)):
+        if not isinstance(step, list):
             done.append(step)
             continue
         produced = produced_by_step[position]
         reads = []
         for node in step:
             for name in _reads(node):
-                if name not in produced and name not in initializers and name not in reads:
+                if name not in produced and name not in plan.constants and name not in reads:
                     reads.append(name)
         outputs = [o for node in step for o in node.output if o and o in needed_later[position]]
-        done.append(_Segment(typed, step, reads, outputs))
+        done.append(_Segment(model, step, reads, outputs, plan.constants, plan.types))
     return done
+
+
+def _has_crossbar_layers(node: onnx.NodeProto) -> bool:
+    for attr in node.attribute:
+        for body in ([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)):
+            if any(inner.domain == CUSTOM_DOMAIN or _has_crossbar_layers(inner) for inner in body.node):
+                return True
+    return False
 
 
 def _decoded(value):
@@ -455,7 +513,7 @@ def _check_shape(name: str, shape: tuple, declared: list | None) -> None:
     wrong = [(i, s, d) for i, (s, d) in enumerate(zip(shape, declared)) if isinstance(d, int) and d >= 0 and d != s]
     if wrong:
         listed = ", ".join(f"index {i} got {s} expected {d}" for i, s, d in wrong)
-        raise XCompileError(f"input '{name}': invalid dimensions ({listed}); the model expects {declared}")
+        raise XCompileError(f"input '{name}' has shape {list(shape)}: invalid dimensions ({listed}); the model expects {declared}")
 
 
 def _type_name(dtype: np.dtype) -> str:

@@ -359,9 +359,9 @@ def test_minus_one_and_symbolic_dims_take_any_size_and_untyped_outputs_are_fine(
 @pytest.mark.parametrize(
     "x, message",
     [
-        (np.zeros((2, 4, 5, 5), np.float32), r"input 'x': invalid dimensions \(index 1 got 4 expected 3\)"),
+        (np.zeros((2, 4, 5, 5), np.float32), r"input 'x' has shape \[2, 4, 5, 5\]: invalid dimensions \(index 1 got 4 expected 3\)"),
         (np.zeros((3, 5, 5), np.float32), r"input 'x': invalid rank 3"),
-        (np.zeros((2, 3, 5, 5), np.float64), r"input 'x': unexpected data type tensor\(double\), the model expects tensor\(float\)"),
+        (np.zeros((2, 3, 5, 5), np.float64), r"input 'x': unexpected data type tensor\(double\) \(numpy dtype float64\), the model expects tensor\(float\)"),
     ],
 )
 def test_feeds_are_refused_where_onnxruntime_refuses_them(x, message):

@@ -76,22 +76,19 @@ def test_compile_line_and_inspect_report_coverage(tmp_path, capsys):
     assert not (tmp_path / "s.bin").exists()
 
 
-def test_weights_inside_an_if_branch_are_reported_not_skipped_in_silence():
-    rng = np.random.default_rng(2)
-    w_then = numpy_helper.from_array(rng.normal(size=(4, 3)).astype(np.float32), "w_then")
-    branch = lambda name, op: helper.make_graph(  # noqa: E731
-        [helper.make_node(op, ["x", "w_then"] if op == "MatMul" else ["x"], [f"{name}_y"], name=f"{name}_node")]
-        if op == "MatMul" else [helper.make_node("ReduceSum", ["x", "axes"], [f"{name}_y"], keepdims=1)],
-        name, [], [tensor(f"{name}_y", None)],
-    )
-    axes = numpy_helper.from_array(np.array([1], np.int64), "axes")
+def test_weights_inside_a_body_xcompile_does_not_run_are_reported_not_skipped_in_silence():
+    """A SequenceMap body (not If / Loop / Scan) keeps its MatMul on ONNX Runtime: said so."""
+    w = numpy_helper.from_array(np.random.default_rng(2).normal(size=(4, 3)).astype(np.float32), "w_body")
+    body = helper.make_graph([helper.make_node("MatMul", ["item", "w_body"], ["out"], name="per_item")], "body",
+                             [tensor("item", None)], [tensor("out", None)])
     nodes = [
         helper.make_node("Gemm", ["x", "w0"], ["h"], name="fc"),
-        helper.make_node("If", ["flag"], ["y"], then_branch=branch("then", "MatMul"), else_branch=branch("else", "Sum"), name="choose"),
+        helper.make_node("SplitToSequence", ["x"], ["seq"], axis=0),
+        helper.make_node("SequenceMap", ["seq"], ["mapped"], body=body, name="each"),
+        helper.make_node("ConcatFromSequence", ["mapped"], ["y"], axis=0),
     ]
-    w0 = numpy_helper.from_array(rng.normal(size=(4, 2)).astype(np.float32), "w0")
-    m = model(nodes, [tensor("x", ["N", 4]), tensor("flag", [], onnx.TensorProto.BOOL)],
-              [tensor("y", None), tensor("h", ["N", 2])], [w_then, w0, axes])
-    with pytest.warns(UserWarning, match="choose/then_branch/then_node.*inside the If body"):
+    w0 = numpy_helper.from_array(np.ones((4, 2), np.float32), "w0")
+    m = model(nodes, [tensor("x", [3, 4])], [tensor("y", None), tensor("h", [3, 2])], [w, w0])
+    with pytest.warns(UserWarning, match=r"each/body/per_item \(MatMul, 12 weights\)"):
         mapping = xcompile.compile_model(m, ideal=True, progress=False)
     assert mapping.summary()["coverage"]["weights_digital"] == 12

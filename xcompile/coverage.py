@@ -78,8 +78,8 @@ def _scan(graph: onnx.GraphProto, constants: dict[str, int], where: str) -> list
             for body in bodies:
                 inner = _scan(body, _constants(body, constants), f"{where}{name}/{attr.name}/")
                 for entry in inner:
-                    if node.op_type in CONTROL_FLOW and not entry["reason"].startswith("inside"):
-                        entry["reason"] = f"inside the {node.op_type} body '{attr.name}': {entry['reason']}"
+                    if node.op_type not in CONTROL_FLOW:
+                        entry["reason"] = f"inside the {node.op_type} body '{attr.name}': xcompile maps layers in If / Loop / Scan bodies only"
                 found.extend(inner)
     return found
 

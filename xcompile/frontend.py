@@ -21,8 +21,8 @@ import onnx_ir.passes.common as common_passes
 from google.protobuf.message import DecodeError
 from onnxscript.optimizer import fold_constants
 
-from xcompile.coverage import REASON_KEY, Unsupported
-from xcompile.frontend_quant import INTEGER_KEY, SOURCE_KEY, lower_quantized
+from xcompile.coverage import CONTROL_FLOW, REASON_KEY, Unsupported
+from xcompile.frontend_quant import INTEGER_KEY, SOURCE_KEY, lower_quantized, subgraphs
 from xcompile.frontend_recurrent import RECURRENT_OPS, build_recurrent
 from xcompile.errors import XCompileError
 from xcompile.ir import CUSTOM_DOMAIN, MVM_OP, Layer, frozen_array
@@ -123,10 +123,22 @@ def extract_layers(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Layer]
     _fold_with_onnxruntime(model_ir)
     lower_quantized(model_ir.graph)
 
-    graph = model_ir.graph
     layers: list[Layer] = []
-    names: set[str] = set()
+    _extract(model_ir.graph, layers, set())
+
+    model_ir.opset_imports[CUSTOM_DOMAIN] = 1
+    common_passes.RemoveUnusedNodesPass()(model_ir)
+    runtime_graph = ir.serde.serialize_model(model_ir)
+    digital = sorted({n.op_type for n in runtime_graph.graph.node if n.domain != CUSTOM_DOMAIN})
+    return runtime_graph, layers, digital
+
+
+def _extract(graph: ir.Graph, layers: list[Layer], names: set[str]) -> None:
+    """Turn the MVM and recurrent nodes of `graph`, and of the If / Loop / Scan bodies in it, into layers."""
     for position, node in enumerate(list(graph)):
+        if node.domain in ("", "ai.onnx") and node.op_type in CONTROL_FLOW:  # both If branches, Loop and Scan bodies
+            for body in subgraphs(node):
+                _extract(body, layers, names)
         if node.domain not in ("", "ai.onnx") or node.op_type not in WEIGHT_OPS:
             continue
         name = _unique(node.name or f"{node.op_type}_{position}", names)
@@ -152,12 +164,6 @@ def extract_layers(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Layer]
             layer = dataclasses.replace(layer, op_type=node.metadata_props[SOURCE_KEY], notes=notes)
         layers.append(layer)
         _replace_with_mvm(graph, node, layer, digital_bias)
-
-    model_ir.opset_imports[CUSTOM_DOMAIN] = 1
-    common_passes.RemoveUnusedNodesPass()(model_ir)
-    runtime_graph = ir.serde.serialize_model(model_ir)
-    digital = sorted({n.op_type for n in runtime_graph.graph.node if n.domain != CUSTOM_DOMAIN})
-    return runtime_graph, layers, digital
 
 
 def _weight_subgraph(graph: ir.Graph) -> set:

@@ -34,9 +34,23 @@ QUANTISED = {
 _ACTIVATIONS = {"Relu": (), "Tanh": (), "Sigmoid": (), "LeakyRelu": ("alpha",), "HardSigmoid": ("alpha", "beta")}
 
 
+def subgraphs(node: ir.Node) -> list[ir.Graph]:
+    """The bodies of an If / Loop / Scan (any graph attribute)."""
+    found = []
+    for attr in node.attributes.values():
+        if attr.type == ir.AttributeType.GRAPH:
+            found.append(attr.value)
+        elif attr.type == ir.AttributeType.GRAPHS:
+            found.extend(attr.value)
+    return found
+
+
 def lower_quantized(graph: ir.Graph) -> None:
-    """Rewrite every quantised op with constant weights in place (see the module docstring)."""
+    """Rewrite every quantised op with constant weights in place (see the module docstring),
+    in `graph` and the bodies of its control-flow nodes."""
     for node in list(graph):
+        for body in subgraphs(node):
+            lower_quantized(body)
         domain = "" if node.domain in ("", "ai.onnx") else node.domain
         if (domain, node.op_type) not in QUANTISED:
             continue

@@ -1,0 +1,139 @@
+"""MVM layers inside If / Loop / Scan bodies: compiled like any other (both If branches), the
+executor runs the control flow with the crossbar layers inside, ideal mode equals ONNX Runtime."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import xcompile
+from builders import model, tensor
+
+RNG = np.random.default_rng(0)
+
+
+def _init(name, shape):
+    return numpy_helper.from_array(RNG.normal(0, 0.5, shape).astype(np.float32), name)
+
+
+def _check(m, feeds_list, layers):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mapping = xcompile.compile_model(m, ideal=True, progress=False)
+    assert not caught, [str(w.message) for w in caught]
+    assert len(mapping.layers) == layers
+    assert mapping.summary()["coverage"]["fraction_on_crossbars"] == 1.0
+    session = xcompile.Session(mapping)
+    reference = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    for feeds in feeds_list:
+        for got, want in zip(session.run(None, feeds), reference.run(None, feeds)):
+            assert got.shape == want.shape
+            assert np.abs(got - want).max() <= 1e-5 * max(np.abs(want).max(), 1e-30)
+    return mapping
+
+
+def _if_model():
+    """Both branches hold a dense layer on an outer value; the else branch a Conv as well."""
+    then = helper.make_graph(
+        [helper.make_node("MatMul", ["h", "w_then"], ["t"], name="then_fc"), helper.make_node("Relu", ["t"], ["then_y"])],
+        "then", [], [tensor("then_y", None)], [_init("w_then", (4, 3))],
+    )
+    other = helper.make_graph(
+        [
+            helper.make_node("Reshape", ["h", "shape"], ["img"]),
+            helper.make_node("Conv", ["img", "w_conv"], ["c"], name="else_conv", pads=[1, 1]),
+            helper.make_node("Flatten", ["c"], ["f"]),
+            helper.make_node("Gemm", ["f", "w_else"], ["else_y"], name="else_fc"),
+        ],
+        "else", [], [tensor("else_y", None)], [_init("w_conv", (2, 1, 3)), numpy_helper.from_array(np.array([-1, 1, 4], np.int64), "shape")],
+    )
+    nodes = [
+        helper.make_node("Gemm", ["x", "w0"], ["h"], name="stem"),
+        helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
+        helper.make_node("Greater", ["s", "zero"], ["positive"]),
+        helper.make_node("If", ["positive"], ["y"], then_branch=then, else_branch=other, name="choose"),
+    ]
+    inits = [_init("w0", (5, 4)), _init("w_else", (8, 3)), numpy_helper.from_array(np.array(0, np.float32), "zero")]
+    return model(nodes, [tensor("x", [2, 5])], [tensor("y", None)], inits, opset=13)
+
+
+def test_both_if_branches_are_compiled_and_each_runs_on_crossbars():
+    x = RNG.normal(size=(2, 5)).astype(np.float32)
+    mapping = _check(_if_model(), [{"x": np.abs(x)}, {"x": -np.abs(x)}], layers=4)
+    assert {"then_fc", "else_conv", "else_fc"} <= {layer.name for layer in mapping.layers}
+
+
+def test_loop_with_a_dense_layer_in_its_body_and_scan_outputs():
+    body = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["h_in", "w_rec"], ["r"], name="loop_fc"),
+            helper.make_node("Add", ["r", "x"], ["pre"]),
+            helper.make_node("Tanh", ["pre"], ["h_out"]),
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+            helper.make_node("Identity", ["h_out"], ["trace"]),
+        ],
+        "body",
+        [tensor("i", [], TensorProto.INT64), tensor("cond_in", [], TensorProto.BOOL), tensor("h_in", None)],
+        [tensor("cond_out", [], TensorProto.BOOL), tensor("h_out", None), tensor("trace", None)],
+    )
+    nodes = [helper.make_node("Loop", ["trips", "", "h0"], ["h_final", "all_h"], body=body, name="unroll")]
+    m = model(nodes, [tensor("x", [2, 4]), tensor("h0", [2, 4]), tensor("trips", [], TensorProto.INT64)],
+              [tensor("h_final", None), tensor("all_h", None)], [_init("w_rec", (4, 4))], opset=13)
+    feeds = {"x": RNG.normal(size=(2, 4)).astype(np.float32), "h0": RNG.normal(size=(2, 4)).astype(np.float32)}
+    _check(m, [{**feeds, "trips": np.array(n, np.int64)} for n in (1, 5)], layers=1)
+
+
+@pytest.mark.parametrize("reverse", [0, 1])
+def test_scan_as_a_recurrent_cell_with_layers_on_the_step_and_the_state(reverse):
+    body = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x_t", "w_in"], ["a"], name="scan_in"),
+            helper.make_node("Gemm", ["h_in", "w_state", "b"], ["b_"], name="scan_state"),
+            helper.make_node("Add", ["a", "b_"], ["pre"]),
+            helper.make_node("Tanh", ["pre"], ["h_out"]),
+            helper.make_node("Identity", ["h_out"], ["y_t"]),
+        ],
+        "body", [tensor("h_in", [2, 3]), tensor("x_t", [2, 5])], [tensor("h_out", [2, 3]), tensor("y_t", [2, 3])],
+    )
+    nodes = [helper.make_node("Scan", ["h0", "xs"], ["h_last", "ys"], body=body, num_scan_inputs=1,
+                              scan_input_axes=[1], scan_input_directions=[reverse], scan_output_axes=[-1], name="scan")]
+    inits = [_init("w_in", (5, 3)), _init("w_state", (3, 3)), _init("b", (3,))]
+    m = model(nodes, [tensor("h0", [2, 3]), tensor("xs", [2, 6, 5])], [tensor("h_last", None), tensor("ys", None)], inits, opset=13)
+    feeds = {"h0": RNG.normal(size=(2, 3)).astype(np.float32), "xs": RNG.normal(size=(2, 6, 5)).astype(np.float32)}
+    _check(m, [feeds], layers=2)
+
+
+def test_an_if_inside_a_loop_body():
+    inner_then = helper.make_graph([helper.make_node("MatMul", ["h_in", "w_a"], ["ya"], name="inner_a")], "a", [], [tensor("ya", None)])
+    inner_else = helper.make_graph([helper.make_node("MatMul", ["h_in", "w_b"], ["yb"], name="inner_b")], "b", [], [tensor("yb", None)])
+    body = helper.make_graph(
+        [
+            helper.make_node("Mod", ["i", "two"], ["parity"]),
+            helper.make_node("Equal", ["parity", "zero"], ["even"]),
+            helper.make_node("If", ["even"], ["z"], then_branch=inner_then, else_branch=inner_else),
+            helper.make_node("Tanh", ["z"], ["h_out"]),
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+        ],
+        "body",
+        [tensor("i", [], TensorProto.INT64), tensor("cond_in", [], TensorProto.BOOL), tensor("h_in", None)],
+        [tensor("cond_out", [], TensorProto.BOOL), tensor("h_out", None)],
+    )
+    inits = [_init("w_a", (3, 3)), _init("w_b", (3, 3)), numpy_helper.from_array(np.array(2, np.int64), "two"),
+             numpy_helper.from_array(np.array(0, np.int64), "zero"), numpy_helper.from_array(np.array(4, np.int64), "trips")]
+    m = model([helper.make_node("Loop", ["trips", "", "h0"], ["h"], body=body)], [tensor("h0", [1, 3])], [tensor("h", None)], inits, opset=13)
+    _check(m, [{"h0": RNG.normal(size=(1, 3)).astype(np.float32)}], layers=2)
+
+
+def test_a_mapping_with_control_flow_survives_mapping_bin(tmp_path):
+    m = _if_model()
+    mapping = xcompile.compile_model(m, ideal=True, progress=False)
+    mapping.save(tmp_path / "m.bin")
+    x = RNG.normal(size=(2, 5)).astype(np.float32)
+    expected = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    got = xcompile.Session(tmp_path / "m.bin").run(None, {"x": x})[0]
+    assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
