@@ -65,14 +65,14 @@ def test_onnx_node_cases_with_constant_weights(name):
 
 
 class _Reader:
-    def __init__(self, name, count=8):
-        self.batches = iter([{name: np.random.default_rng(i).uniform(0, 16, (4, 1, 8, 8)).astype(np.float32)} for i in range(count)])
+    def __init__(self, name, shape=(4, 1, 8, 8), count=8):
+        self.batches = iter([{name: np.random.default_rng(i).uniform(0, 16, shape).astype(np.float32)} for i in range(count)])
 
     def get_next(self):
         return next(self.batches, None)
 
 
-def _quantized(source: Path, kind: str, folder: Path) -> Path:
+def _quantized(source: Path, kind: str, folder: Path, shape=(4, 1, 8, 8)) -> Path:
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
     target = folder / f"{source.stem}_{kind}.onnx"
@@ -81,7 +81,7 @@ def _quantized(source: Path, kind: str, folder: Path) -> Path:
         quantize_dynamic(source, target, weight_type=QuantType.QInt8)
     else:
         quantize_static(
-            source, target, _Reader(name), quant_format=QuantFormat.QOperator if kind == "qoperator" else QuantFormat.QDQ,
+            source, target, _Reader(name, shape), quant_format=QuantFormat.QOperator if kind == "qoperator" else QuantFormat.QDQ,
             per_channel=kind == "qdq_per_channel",
         )
     return target
@@ -106,6 +106,19 @@ def test_models_quantised_by_onnxruntime_are_fully_mapped_and_exact(source, kind
         mapping, caught = _assert_equal_to_ort(variant, {m.graph.input[0].name: x})
         assert not caught and mapping.summary()["coverage"]["fraction_on_crossbars"] == 1.0
         assert len(mapping.layers) == (5 if source == "digits_cnn" else 3)
+
+
+@pytest.mark.parametrize("kind", ["float", "dynamic", "qdq", "qoperator"])
+def test_a_transformer_encoder_quantised_by_onnxruntime_has_every_weight_on_crossbars(kind, tmp_path):
+    """torch's TransformerEncoder (tests/data/make_torch_recurrent.py): projections and feed-forward
+    mapped; attention scores (activation x activation, float or QLinearMatMul) stay digital, unflagged."""
+    source = Path(__file__).parent / "data" / "torch_transformer_encoder.onnx"
+    path = source if kind == "float" else _quantized(source, kind, tmp_path, shape=(2, 5, 16))
+    x = np.random.default_rng(9).normal(size=(3, 5, 16)).astype(np.float32)
+    for variant in (onnx.load(path), onnx.load(_optimized(path, tmp_path))):
+        mapping, caught = _assert_equal_to_ort(variant, {"x": x})
+        assert not caught and mapping.summary()["coverage"]["fraction_on_crossbars"] == 1.0
+        assert len(mapping.layers) >= 7
 
 
 def test_float_fusions_of_onnxruntime_are_mapped(tmp_path):
@@ -159,3 +172,18 @@ def test_unsupported_quantised_variant_is_named_and_stays_digital():
         xcompile.compile_model(m, progress=False)
     mapping, _ = _assert_equal_to_ort(m, {"a": rng.integers(0, 9, size=(2, 5, 4)).astype(np.uint8)}, allow_empty=True)
     assert mapping.summary()["coverage"]["weights_digital"] == 24
+
+
+def test_dynamic_quantize_lstm_stays_digital_and_is_said_to(tmp_path):
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    source = Path(__file__).parent / "data" / "torch_lstm_forward.onnx"
+    quantize_dynamic(source, tmp_path / "q.onnx", weight_type=QuantType.QInt8)
+    m = onnx.load(tmp_path / "q.onnx")
+    assert "DynamicQuantizeLSTM" in {n.op_type for n in m.graph.node}
+    x = np.random.default_rng(4).normal(size=(7, 2, 6)).astype(np.float32)
+    mapping, caught = _assert_equal_to_ort(m, {"x": x})
+    left = mapping.summary()["coverage"]["left_digital"]
+    assert [e["op_type"] for e in left] == ["com.microsoft::DynamicQuantizeLSTM"]
+    assert caught and "quantises this LSTM's inputs inside its kernel" in caught[0]
+    assert mapping.summary()["coverage"]["fraction_on_crossbars"] < 0.5

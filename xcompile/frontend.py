@@ -183,11 +183,11 @@ def _fold_with_onnxruntime(model_ir: ir.Model) -> None:
     """Evaluate, with ONNX Runtime, weight subgraphs the folder left (ops ONNX's reference
     evaluator lacks at the model's opset, e.g. DequantizeLinear-13), and make them initializers."""
     graph = model_ir.graph
-    pending = [
-        v for node in graph if node.op_type in WEIGHT_OPS and node.domain in ("", "ai.onnx")
+    pending = {  # by identity, in graph order: a weight several layers share is folded once
+        id(v): v for node in graph if node.op_type in WEIGHT_OPS and node.domain in ("", "ai.onnx")
         for v in list(node.inputs)[1:] if v is not None and v.const_value is None and v.producer() is not None
-    ]
-    for value in pending:
+    }
+    for value in pending.values():
         nodes = _constant_producers(value)
         if nodes is None:
             continue

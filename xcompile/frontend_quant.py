@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from xcompile.coverage import REASON_KEY, Unsupported
+from xcompile.coverage import REASON_KEY, WEIGHT_OPERANDS, Unsupported
 
 SOURCE_KEY = "xcompile.source_op"  # on the lowered MatMul / Conv: the op it came from
 INTEGER_KEY = "xcompile.integer_weights"  # "1" when its weights are the model's integers
@@ -53,6 +53,9 @@ def lower_quantized(graph: ir.Graph) -> None:
             lower_quantized(body)
         domain = "" if node.domain in ("", "ai.onnx") else node.domain
         if (domain, node.op_type) not in QUANTISED:
+            continue
+        operands = [node.inputs[i] for i in WEIGHT_OPERANDS[(domain, node.op_type)] if i < len(node.inputs)]
+        if all(_const(v) is None for v in operands):  # activations only (attention scores): nothing to map
             continue
         try:
             new_nodes, outputs = _LOWER[node.op_type](graph, node)

@@ -1,4 +1,4 @@
-"""Export the tiny recurrent models tests/test_recurrent.py runs (torch 2.13, run once by hand:
+"""Export the tiny models tests/test_recurrent.py and tests/test_quantized.py run (torch 2.13, run once by hand:
 `python tests/data/make_torch_recurrent.py`). Random weights, seed 0; a few kB each."""
 
 from pathlib import Path
@@ -31,6 +31,27 @@ MODELS = {
     "torch_rnn_tanh_batch_first": (torch.nn.RNN, True, {}),
 }
 
+class Encoder(torch.nn.Module):
+    """A two-layer transformer encoder (sentence-encoder shape): attention, feed-forward, norms."""
+
+    def __init__(self):
+        super().__init__()
+        layer = torch.nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, dropout=0.0, batch_first=True)
+        self.encoder = torch.nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+        self.head = torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head(self.encoder(x).mean(dim=1))
+
+
+def export_encoder():
+    torch.manual_seed(0)
+    module = Encoder().eval()
+    x = torch.randn(2, 5, 16)
+    torch.onnx.export(module, (x,), HERE / "torch_transformer_encoder.onnx", input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "batch", 1: "tokens"}, "y": {0: "batch"}}, opset_version=17, dynamo=False)
+
+
 if __name__ == "__main__":
     for name, (cell, batch_first, options) in MODELS.items():
         torch.manual_seed(0)
@@ -40,3 +61,5 @@ if __name__ == "__main__":
         torch.onnx.export(module, (x,), HERE / f"{name}.onnx", input_names=["x"], output_names=["y"],
                           dynamic_axes={"x": axes, "y": axes}, opset_version=17, dynamo=False)
         print(name)
+    export_encoder()
+    print("torch_transformer_encoder")
