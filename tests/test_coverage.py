@@ -92,3 +92,11 @@ def test_weights_inside_a_body_xcompile_does_not_run_are_reported_not_skipped_in
     with pytest.warns(UserWarning, match=r"each/body/per_item \(MatMul, 12 weights\)"):
         mapping = xcompile.compile_model(m, ideal=True, progress=False)
     assert mapping.summary()["coverage"]["weights_digital"] == 12
+
+
+def test_an_einsum_with_constant_weights_is_counted_as_left_digital():
+    w = numpy_helper.from_array(np.random.default_rng(3).normal(size=(4, 3)).astype(np.float32), "w")
+    node = helper.make_node("Einsum", ["x", "w"], ["y"], equation="bi,ij->bj", name="contract")
+    m = model([node], [tensor("x", ["N", 4])], [tensor("y", ["N", 3])], [w])
+    with pytest.raises(xcompile.XCompileError, match=r"contract \(Einsum, 12 weights\): xcompile does not map Einsum"):
+        xcompile.compile_model(m, progress=False)

@@ -152,7 +152,7 @@ def test_activations_with_alpha_and_beta_as_onnx_defines_them(op, activations, a
         assert _relative(got, want) <= 1e-5
 
 
-@pytest.mark.parametrize("path", sorted(DATA.glob("torch_*.onnx")), ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", sorted(p for p in DATA.glob("torch_*.onnx") if "transformer" not in p.name), ids=lambda p: p.stem)
 def test_recurrent_models_exported_by_torch(path, tmp_path):
     """Tiny models torch 2.13 exported (tests/data/make_torch_recurrent.py): LSTM, GRU, RNN stacks."""
     m = onnx.load(path)

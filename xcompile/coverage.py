@@ -60,11 +60,12 @@ def _constants(graph: onnx.GraphProto, outer: dict[str, int]) -> dict[str, int]:
 
 def _scan(graph: onnx.GraphProto, constants: dict[str, int], where: str) -> list[dict[str, Any]]:
     found = []
+    producers = {o: node for node in graph.node for o in node.output if o}
     for position, node in enumerate(graph.node):
         name = node.name or f"{node.op_type}_{position}"
         operands = WEIGHT_OPERANDS.get((_domain(node), node.op_type))
         if operands is not None:
-            weights = sum(constants[node.input[i]] for i in operands if i < len(node.input) and node.input[i] in constants)
+            weights = sum(_constant_size(node.input[i], constants, producers) for i in operands if i < len(node.input) and node.input[i])
             reason = _reason(node)
             if weights or reason:
                 found.append({
@@ -82,6 +83,23 @@ def _scan(graph: onnx.GraphProto, constants: dict[str, int], where: str) -> list
                         entry["reason"] = f"inside the {node.op_type} body '{attr.name}': xcompile maps layers in If / Loop / Scan bodies only"
                 found.extend(inner)
     return found
+
+
+def _constant_size(name: str, constants: dict[str, int], producers: dict) -> int:
+    """Elements of the constants `name` is computed from (0 if it depends on an input)."""
+    total, stack, seen = 0, [name], set()
+    while stack:
+        current = stack.pop()
+        if current in seen or not current:
+            continue
+        seen.add(current)
+        if current in constants:
+            total += constants[current]
+        elif current in producers:
+            stack.extend(producers[current].input)
+        else:  # a graph input or an outer-scope activation
+            return 0
+    return total
 
 
 def _reason(node: onnx.NodeProto) -> str:

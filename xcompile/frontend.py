@@ -21,7 +21,7 @@ import onnx_ir.passes.common as common_passes
 from google.protobuf.message import DecodeError
 from onnxscript.optimizer import fold_constants
 
-from xcompile.coverage import CONTROL_FLOW, REASON_KEY, Unsupported
+from xcompile.coverage import CONTROL_FLOW, REASON_KEY, WEIGHT_OPERANDS, Unsupported
 from xcompile.frontend_quant import INTEGER_KEY, SOURCE_KEY, lower_quantized, subgraphs
 from xcompile.frontend_recurrent import RECURRENT_OPS, build_recurrent
 from xcompile.errors import XCompileError
@@ -166,11 +166,15 @@ def _extract(graph: ir.Graph, layers: list[Layer], names: set[str]) -> None:
         _replace_with_mvm(graph, node, layer, digital_bias)
 
 
+def _bears_weights(node: ir.Node) -> bool:
+    return ("" if node.domain in ("", "ai.onnx") else node.domain, node.op_type) in WEIGHT_OPERANDS
+
+
 def _weight_subgraph(graph: ir.Graph) -> set:
     """Nodes upstream of an MVM operand: folded even where the folder's defaults would not
     (ConstantOfShape, DequantizeLinear), since a crossbar needs the weights as numbers."""
     found: set = set()
-    stack = [v for node in graph if node.op_type in WEIGHT_OPS and node.domain in ("", "ai.onnx") for v in node.inputs if v is not None]
+    stack = [v for node in graph if _bears_weights(node) for v in node.inputs if v is not None]
     while stack:
         producer = stack.pop().producer()
         if producer is not None and producer not in found:
@@ -184,8 +188,8 @@ def _fold_with_onnxruntime(model_ir: ir.Model) -> None:
     evaluator lacks at the model's opset, e.g. DequantizeLinear-13), and make them initializers."""
     graph = model_ir.graph
     pending = {  # by identity, in graph order: a weight several layers share is folded once
-        id(v): v for node in graph if node.op_type in WEIGHT_OPS and node.domain in ("", "ai.onnx")
-        for v in list(node.inputs)[1:] if v is not None and v.const_value is None and v.producer() is not None
+        id(v): v for node in graph if _bears_weights(node)
+        for v in node.inputs if v is not None and v.const_value is None and v.producer() is not None
     }
     for value in pending.values():
         nodes = _constant_producers(value)

@@ -55,7 +55,7 @@ def lower_quantized(graph: ir.Graph) -> None:
         if (domain, node.op_type) not in QUANTISED:
             continue
         operands = [node.inputs[i] for i in WEIGHT_OPERANDS[(domain, node.op_type)] if i < len(node.inputs)]
-        if all(_const(v) is None for v in operands):  # activations only (attention scores): nothing to map
+        if not any(_from_constants(v) for v in operands):  # activations only (attention scores): nothing to map
             continue
         try:
             new_nodes, outputs = _LOWER[node.op_type](graph, node)
@@ -78,7 +78,8 @@ class _Builder:
         return value
 
     def add(self, op: str, inputs, attributes=None, **meta) -> ir.Value:
-        made = ir.node(op, list(inputs), attributes or {}, name=f"{self.prefix}/{op}_{len(self.nodes)}")
+        name = self.node.name if SOURCE_KEY in meta and self.node.name else f"{self.prefix}/{op}_{len(self.nodes)}"
+        made = ir.node(op, list(inputs), attributes or {}, name=name)  # the MVM keeps the node's name
         made.metadata_props.update(meta)
         self.nodes.append(made)
         return made.outputs[0]
@@ -96,6 +97,23 @@ class _Builder:
 
     def mvm(self, op: str, inputs, attributes=None) -> ir.Value:
         return self.add(op, inputs, attributes, **{SOURCE_KEY: self.node.op_type, INTEGER_KEY: "1"})
+
+
+def _from_constants(value: ir.Value | None) -> bool:
+    """Whether `value` is a constant or computed from constants only (no graph or outer input)."""
+    stack, seen = [value], set()
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if current.const_value is not None and not current.is_graph_input():
+            continue
+        producer = current.producer()
+        if producer is None:
+            return False
+        stack.extend(producer.inputs)
+    return value is not None
 
 
 def _inputs(node: ir.Node, count: int) -> list:

@@ -1,0 +1,98 @@
+"""Coverage and exactness on quantised, recurrent and transformer models: for each, the share of
+weight elements on crossbars, the layers, and ideal mode's largest relative error against ONNX
+Runtime on the same model (integer outputs compared after their float scale).
+
+    python benchmarks/bench_coverage.py        # about a minute on 2 cores
+
+Models: the shipped digits CNN / MLP and the torch-exported transformer encoder, each as float and
+quantised by onnxruntime.quantization (quantize_dynamic; quantize_static QDQ, per-channel QDQ and
+QOperator), each also as ONNX Runtime's extended optimiser writes it; and tests/data's tiny torch
+LSTM / GRU / RNN models.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+import xcompile
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCES = {
+    "digits_cnn": (ROOT / "models" / "digits_cnn.onnx", (1, 8, 8)),
+    "digits_mlp": (ROOT / "models" / "digits_mlp.onnx", (1, 8, 8)),
+    "transformer_encoder": (ROOT / "tests" / "data" / "torch_transformer_encoder.onnx", (5, 16)),
+}
+
+
+class _Reader:
+    def __init__(self, name, shape):
+        self.batches = iter([{name: np.random.default_rng(i).uniform(0, 4, (4, *shape)).astype(np.float32)} for i in range(8)])
+
+    def get_next(self):
+        return next(self.batches, None)
+
+
+def _variants(folder: Path):
+    for name, (path, shape) in SOURCES.items():
+        input_name = onnx.load(path).graph.input[0].name
+        yield f"{name} float", path, shape
+        quantize_dynamic(path, folder / f"{name}_dyn.onnx", weight_type=QuantType.QInt8)
+        yield f"{name} quantize_dynamic", folder / f"{name}_dyn.onnx", shape
+        for label, fmt, per_channel in (("QDQ", QuantFormat.QDQ, False), ("QDQ per-channel", QuantFormat.QDQ, True),
+                                        ("QOperator", QuantFormat.QOperator, False)):
+            target = folder / f"{name}_{label.replace(' ', '_')}.onnx"
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # it prints tensors
+                quantize_static(path, target, _Reader(input_name, shape), quant_format=fmt, per_channel=per_channel)
+            yield f"{name} static {label}", target, shape
+    for path in sorted((ROOT / "tests" / "data").glob("torch_*.onnx")):
+        if "transformer" not in path.name:
+            yield path.stem, path, None
+
+
+def _optimized(path: Path, folder: Path) -> Path:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(folder / f"{path.stem}_ortopt.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return Path(options.optimized_model_filepath)
+
+
+def _feeds(model: onnx.ModelProto, shape) -> dict:
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for value in model.graph.input:
+        dims = [d.dim_value or 3 for d in value.type.tensor_type.shape.dim]
+        feeds[value.name] = rng.uniform(0, 4, (16, *shape) if shape else dims).astype(np.float32)
+    return feeds
+
+
+def main() -> None:
+    print(f"{'model':<54} {'layers':>6} {'on crossbars':>13} {'left digital':>13} {'max rel. error vs ORT':>22}")
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        for label, path, shape in _variants(folder):
+            for suffix, model_path in (("", path), (" +ORT opt", _optimized(path, folder))):
+                model = onnx.load(model_path)
+                feeds = _feeds(model, shape)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    mapping = xcompile.compile_model(model, ideal=True, progress=False)
+                got = xcompile.Session(mapping).run(None, feeds)
+                want = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"]).run(None, feeds)
+                error = max(float(np.abs(g.astype(np.float64) - w).max() / max(np.abs(w).max(), 1e-30)) for g, w in zip(got, want))
+                coverage = mapping.summary()["coverage"]
+                left = ", ".join(sorted({e["op_type"] for e in coverage["left_digital"]})) or "-"
+                print(f"{label + suffix:<54} {len(mapping.layers):>6} {coverage['fraction_on_crossbars']:>13.1%} {left:>13} {error:>22.2g}")
+
+
+if __name__ == "__main__":
+    main()
