@@ -137,3 +137,16 @@ def test_a_mapping_with_control_flow_survives_mapping_bin(tmp_path):
     expected = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     got = xcompile.Session(tmp_path / "m.bin").run(None, {"x": x})[0]
     assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+def test_recurrent_layers_inside_if_branches_and_an_omitted_output():
+    w, r = _init("W", (1, 16, 3)), _init("R", (1, 16, 4))
+    branches = [
+        helper.make_graph([helper.make_node("LSTM", ["X", "W", "R"], ["", f"{name}_h"], hidden_size=4, direction=direction)],
+                          name, [], [tensor(f"{name}_h", None)])
+        for name, direction in (("then", "forward"), ("else", "reverse"))
+    ]
+    nodes = [helper.make_node("If", ["c"], ["y"], then_branch=branches[0], else_branch=branches[1])]
+    m = model(nodes, [tensor("X", [5, 2, 3]), tensor("c", [], TensorProto.BOOL)], [tensor("y", None)], [w, r], opset=13)
+    x = RNG.normal(size=(5, 2, 3)).astype(np.float32)
+    _check(m, [{"X": x, "c": np.array(True)}, {"X": x, "c": np.array(False)}], layers=4)

@@ -29,7 +29,7 @@ from xcompile.ir import CUSTOM_DOMAIN, MVM_OP, Layer, frozen_array
 
 MIN_OPSET = 9
 MVM_OPS = ("Gemm", "MatMul", "Conv", "ConvTranspose")
-WEIGHT_OPS = MVM_OPS + RECURRENT_OPS  # ops whose constant operands are folded to numbers
+WEIGHT_OPS = MVM_OPS + RECURRENT_OPS  # ops that become crossbar layers here
 _NO_LIMIT = 1 << 62
 
 
