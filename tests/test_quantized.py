@@ -187,3 +187,31 @@ def test_dynamic_quantize_lstm_stays_digital_and_is_said_to(tmp_path):
     assert [e["op_type"] for e in left] == ["com.microsoft::DynamicQuantizeLSTM"]
     assert caught and "quantises this LSTM's inputs inside its kernel" in caught[0]
     assert mapping.summary()["coverage"]["fraction_on_crossbars"] < 0.5
+
+
+@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(
+    channels=st.integers(1, 4), out_channels=st.integers(1, 5), kernel=st.integers(1, 3), stride=st.integers(1, 2),
+    pad=st.integers(0, 1), per_channel=st.booleans(), bias=st.booleans(), signed=st.booleans(), seed=st.integers(0, 2**16),
+)
+def test_random_qlinear_conv_requantises_like_onnxruntime(channels, out_channels, kernel, stride, pad, per_channel, bias, signed, seed):
+    rng = np.random.default_rng(seed)
+    x_type, x_np = (TensorProto.INT8, np.int8) if signed else (TensorProto.UINT8, np.uint8)
+    info = np.iinfo(x_np)
+    values = {
+        "x_scale": np.float32(rng.uniform(0.01, 0.1)), "x_zero": np.array(rng.integers(info.min, info.max), x_np),
+        "w": rng.integers(-127, 128, size=(out_channels, channels, kernel, kernel)).astype(np.int8),
+        "w_scale": rng.uniform(0.001, 0.05, size=out_channels if per_channel else ()).astype(np.float32),
+        "w_zero": np.zeros(out_channels if per_channel else (), np.int8),
+        "y_scale": np.float32(rng.uniform(0.05, 1.0)), "y_zero": np.array(rng.integers(info.min, info.max), x_np),
+    }
+    names = ["x", "x_scale", "x_zero", "w", "w_scale", "w_zero", "y_scale", "y_zero"]
+    if bias:
+        values["b"] = rng.integers(-2000, 2000, size=out_channels).astype(np.int32)
+        names.append("b")
+    inits = [numpy_helper.from_array(np.asarray(v), name) for name, v in values.items()]
+    node = helper.make_node("QLinearConv", names, ["y"], strides=[stride, stride], pads=[pad] * 4)
+    m = model([node], [tensor("x", ["N", channels, 6, 6], x_type)], [tensor("y", None, x_type)], inits, opset=13)
+    x = rng.integers(info.min, info.max + 1, size=(2, channels, 6, 6)).astype(x_np)
+    mapping, _ = _assert_equal_to_ort(m, {"x": x})
+    assert len(mapping.layers) == 1

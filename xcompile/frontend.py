@@ -1,8 +1,11 @@
 """ONNX front end: load and check a model, fold constant weight subgraphs, and cut out MVM layers.
 
-Every Gemm / MatMul with one constant operand, Conv and ConvTranspose of the main graph becomes
-a `Layer` and, in the runtime graph, one `ai.xcompile::CrossbarMVM` node. Everything else stays
-ONNX. Constant folding (Constant nodes, Transpose / Reshape / Cast / DequantizeLinear of constants,
+Every Gemm / MatMul with one constant operand, Conv and ConvTranspose becomes a `Layer` and, in
+the runtime graph, one `ai.xcompile::CrossbarMVM` node; so do the W and R of LSTM / GRU / RNN
+(frontend_recurrent.py) and the integer weights of quantised ops (lowered first,
+frontend_quant.py), in the main graph and in If / Loop / Scan bodies. Everything else stays
+ONNX; a weight-bearing node that stays carries the reason in its metadata (coverage.py).
+Constant folding (Constant nodes, Transpose / Reshape / Cast / DequantizeLinear of constants,
 ConstantOfShape, ...) is onnxscript's optimizer over onnx_ir, not ours.
 """
 
