@@ -291,3 +291,20 @@ def test_a_worker_process_that_dies_loses_no_other_point(tmp_path, monkeypatch):
         xcompile.sweep(MLP, grid, output=out, workers=2, **{**RUN, "trials": 1})
     assert "1 of 3 sweep points failed (point 1 (encoding = 'acm'): its worker process died, also when the point ran alone)" in str(error.value)
     assert sorted(pd.read_csv(out / "table.csv")["encoding"]) == ["dual", "offset"]
+
+
+def test_a_points_trials_are_what_evaluate_gives_for_the_same_seeds():
+    """The work unit's per-trial numbers are `evaluate`'s for the same mapping and seeds."""
+    from xcompile.evaluate import evaluate
+
+    point = sweep_module.load_grid({"grid": {"r_wire": [2.5]}, "fixed": GRID["fixed"]}).points[0]
+    task = sweep_module.PointTask(point.key, point.options, "digits", 3, 5, 512, None)
+    result = run_point(task, str(MLP))
+    mapping = xcompile.compile_model(MLP, progress=False, **point.options)
+    expected = evaluate(mapping, "digits", trials=3, seed=5, batch_size=512, progress=False)
+    assert [t["trial_seed"] for t in result["trials"]] == [5, 6, 7]
+    for trial, reference in zip(result["trials"], expected["per_trial"], strict=True):
+        assert trial["float_accuracy"] == expected["float_accuracy"]
+        assert (trial["accuracy"], trial["adc_clipped"], trial["adc_conversions"]) == (
+            reference["accuracy"], reference["adc_clipped"], reference["adc_conversions"])
+    assert len({t["accuracy"] for t in result["trials"]}) > 1  # the seeds differ, so do the trials
