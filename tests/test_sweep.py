@@ -19,6 +19,7 @@ import xcompile
 from xcompile.cli import main
 
 sweep_module = importlib.import_module("xcompile.sweep")  # `xcompile.sweep` is the function
+engines = importlib.import_module("xcompile.sweep.engines")
 run_point = sweep_module.run_point
 MODELS = Path(__file__).resolve().parent.parent / "models"
 MLP = MODELS / "digits_mlp.onnx"
@@ -55,7 +56,7 @@ def counting_run_point(monkeypatch, fail_after: int | None = None, error: BaseEx
         calls.append(task.key)
         return run_point(task, model)
 
-    monkeypatch.setattr(sweep_module, "run_point", counting)
+    monkeypatch.setattr(engines, "run_point", counting)
     return calls
 
 
@@ -277,14 +278,14 @@ def test_a_point_that_fails_to_compile_loses_no_other_point(tmp_path):
 def _run_or_die(task, model):
     """Stands in for the pool's worker function: the ACM points kill their worker process, as a
     crash in native code would."""
-    sweep_module._started.put(task.key)
+    engines._started.put(task.key)
     if task.options["encoding"] == "acm":
         os._exit(3)
     return run_point(task, model)
 
 
 def test_a_worker_process_that_dies_loses_no_other_point(tmp_path, monkeypatch):
-    monkeypatch.setattr(sweep_module, "_run_point_in_pool", _run_or_die)
+    monkeypatch.setattr(engines, "_run_point_in_pool", _run_or_die)
     grid = {"grid": {"encoding": ["dual", "acm", "offset"]}}
     out = tmp_path / "dying"
     with pytest.warns(UserWarning, match="worker process died"), pytest.raises(xcompile.XCompileError) as error:
