@@ -16,6 +16,8 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any, Iterator
 
+from tqdm import tqdm
+
 from xcompile.errors import XCompileError
 from xcompile.sweep.work import PointTask, run_point
 
@@ -47,8 +49,11 @@ _started = None  # in a pool worker: where it says which point it begins
 
 
 def _init_pool_worker(started, parent: int) -> None:
+    """A worker shows no progress bars, so tqdm gets a lock of this process: its default one is a
+    named semaphore, which a stopped worker would leave for the resource tracker to complain of."""
     global _started
     _started = started
+    tqdm.set_lock(threading.RLock())
     _die_with_parent(parent)
 
 

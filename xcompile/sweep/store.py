@@ -59,7 +59,10 @@ class Results:
                 result = _served(folder, point, own)
                 if result is not None:
                     finished[point.key] = result
-            yield cls(folder, own, grid, finished)
+            try:
+                yield cls(folder, own, grid, finished)
+            finally:  # an interrupt can land between a temporary file's creation and its removal
+                _remove_leftovers(folder)
 
     def begin(self) -> None:
         """Make the folder this sweep's: the manifest first, so nothing is ever written without it."""
@@ -167,8 +170,8 @@ def _read_manifest(folder: Path) -> dict[str, Any] | None:
 
 
 def _remove_leftovers(folder: Path) -> None:
-    """Half-written files of a run that was killed (atomic_output's temporaries): with the folder
-    locked, no run is writing them."""
+    """Half-written files (atomic_output's temporaries) of a run that was killed or interrupted:
+    with the folder locked, no run is writing them."""
     for where in (folder, folder / "points", folder / "plots"):
         if where.is_dir():
             for temp in where.glob(".*.partial*"):
