@@ -49,8 +49,9 @@ _started = None  # in a pool worker: where it says which point it begins
 
 
 def _init_pool_worker(started, parent: int) -> None:
-    """A worker shows no progress bars, so tqdm gets a lock of this process: its default one is a
-    named semaphore, which a stopped worker would leave for the resource tracker to complain of."""
+    """A worker says where it reports the points it begins, dies with its parent, and gives
+    tqdm a lock of its own: it shows no bars, and tqdm's default lock is a named semaphore that a
+    stopped worker would leave for the resource tracker to complain of."""
     global _started
     _started = started
     tqdm.set_lock(threading.RLock())
