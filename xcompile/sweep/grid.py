@@ -51,8 +51,7 @@ class Grid:
 
     def describe(self) -> dict[str, Any]:
         """The grid as written, for the manifest."""
-        return _jsonable({"fixed": self.fixed, "axes": {a.column: list(a.settings) for a in self.axes}})
-
+        return jsonable({"fixed": self.fixed, "axes": {a.column: list(a.settings) for a in self.axes}})
 
 
 def load_grid(grid: str | os.PathLike | dict, *, calibration=None) -> Grid:
@@ -194,12 +193,13 @@ def _describe_settings(settings: dict[str, Any]) -> str:
     return ", ".join(f"{k} = {v!r}" for k, v in settings.items()) or "(no options)"
 
 
-def _describe_point(point: Point, axes: tuple[Axis, ...]) -> str:
+def describe_point(point: Point, axes: tuple[Axis, ...]) -> str:
+    """The point by its values on the axes, as the grid names them."""
     return ", ".join(
         f"{a.column} = {point.options[a.column]!r}" if a.is_option else f"{a.column} = {point.labels[a.column]!r}" for a in axes
     )
 
 
-
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+    """`value` as it reads back from JSON: what a manifest or record compares against."""
     return json.loads(json.dumps(value, default=str))

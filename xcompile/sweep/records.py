@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from xcompile.sweep.grid import Point, _jsonable
+from xcompile.sweep.grid import Point, jsonable
 from xcompile.sweep.work import POINT_COLUMNS, TRIAL_COLUMNS
 
 POINT_FORMAT = "xcompile-sweep-point/1"
@@ -51,7 +51,7 @@ def read_record(path: Path, point: Point, sweep: dict[str, Any]) -> dict[str, An
     _require(isinstance(data, dict), f"it holds a JSON {type(data).__name__}, expected an object")
     _require(data.get("format") == POINT_FORMAT, f"its format is {data.get('format')!r}, expected {POINT_FORMAT!r}")
     _require(data.get("key") == point.key, f"its key is {data.get('key')!r}, expected {point.key!r}")
-    _require(data.get("options") == _jsonable(point.options), "its options are not this point's")
+    _require(data.get("options") == jsonable(point.options), "its options are not this point's")
     made_by = data.get("made_by")
     _require(isinstance(made_by, dict), "it does not say what made it ('made_by')")
     for name in MADE_BY:

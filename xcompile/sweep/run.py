@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from xcompile.errors import XCompileError
 from xcompile.sweep.engines import execute
-from xcompile.sweep.grid import _describe_point, load_grid
+from xcompile.sweep.grid import describe_point, load_grid
 from xcompile.sweep.store import MANIFEST_FORMAT, Results
 from xcompile.sweep.tables import write_plots
 from xcompile.sweep.work import PointTask
@@ -39,8 +39,10 @@ def sweep(
     """Compile every grid point once, evaluate it over `trials` seeds (trial t: seed + t), and
     return the tidy table (pandas DataFrame, one row per point and trial; docs/sweep.md).
 
-    Points already in `output` are not recomputed (`table.attrs["computed"]` counts the ones
-    this call computed). scheduler: None runs on `workers` local
+    Points already in `output` whose records check out are not recomputed
+    (`table.attrs["computed"]` counts the ones this call computed); `output` is locked for the
+    call, so another run into it meanwhile is refused. SIGTERM ends the call as Ctrl-C does
+    (KeyboardInterrupt), finished points kept. scheduler: None runs on `workers` local
     processes (default all cores; 1 runs in this process), 'local' starts a Dask LocalCluster
     with `workers` workers, anything else is the address of a running Dask scheduler.
     calibration: data for points whose compile measures the model (remap 'dynamic', ...).
@@ -96,7 +98,7 @@ def sweep(
         if plots and not table.empty:
             write_plots(table, plan.axes, results.folder / "plots")
     if failures:
-        listed = "; ".join(f"point {p.index} ({_describe_point(p, plan.axes)}): {error}" for p, error in failures)
+        listed = "; ".join(f"point {p.index} ({describe_point(p, plan.axes)}): {error}" for p, error in failures)
         raise XCompileError(
             f"{len(failures)} of {len(plan.points)} sweep points failed ({listed}); the finished points are saved in "
             f"'{results.folder}', run the same sweep again to retry the failed ones"

@@ -15,7 +15,7 @@ from typing import Any, BinaryIO, Iterator
 
 from xcompile.errors import XCompileError
 from xcompile.fileio import atomic_output
-from xcompile.sweep.grid import Grid, Point, _jsonable
+from xcompile.sweep.grid import Grid, Point, jsonable
 from xcompile.sweep.records import BadRecord, make_record, read_record
 from xcompile.sweep.tables import summarize, trial_table
 
@@ -53,7 +53,7 @@ class Results:
             else:
                 _check_same_sweep(folder, previous, manifest)
                 _remove_leftovers(folder)
-            own = {**_jsonable(manifest), **(previous or {})}  # the folder's own entries where it has them
+            own = {**jsonable(manifest), **(previous or {})}  # the folder's own entries where it has them
             finished = {}
             for point in grid.points:
                 result = _served(folder, point, own)
@@ -214,7 +214,7 @@ def _check_same_sweep(folder: Path, previous: dict[str, Any], manifest: dict[str
     # a point's key digests its resolved options: the same set of keys is the same grid, however written
     keys = previous.get("points")
     there = sorted(keys) if isinstance(keys, list) and all(isinstance(k, str) for k in keys) else keys
-    checks.append(("grid", there, sorted(manifest["points"]), _grid_difference(previous.get("grid"), _jsonable(manifest["grid"]))))
+    checks.append(("grid", there, sorted(manifest["points"]), _grid_difference(previous.get("grid"), jsonable(manifest["grid"]))))
     for what, there, here, detail in checks:
         if there != here:
             raise XCompileError(

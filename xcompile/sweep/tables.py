@@ -95,8 +95,6 @@ def write_plots(table, axes: tuple[Axis, ...], folder: Path) -> list[Path]:
     return written
 
 
-
-
 def _present(axis: Axis, table) -> list:
     """The axis' values that occur in the table, in grid order."""
     seen = set(table[axis.column])
