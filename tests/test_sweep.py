@@ -1,6 +1,7 @@
 """Parameter sweeps: bad grids refused before any work, the same table from every engine (this
-process, a process pool, a real Dask cluster on loopback), resuming, and failures that lose
-nothing else."""
+process, a process pool, a real Dask cluster on loopback), resuming, failures that lose
+nothing else, a results folder one run holds at a time and checks as untrusted input, and
+stopping (SIGTERM, SIGKILL) that leaves no worker and no half-written file behind."""
 
 from __future__ import annotations
 
@@ -547,13 +548,12 @@ def start_slow_sweep(tmp_path: Path, trials: int) -> tuple[subprocess.Popen, Pat
 
 
 def test_pool_workers_die_with_a_killed_sweep(tmp_path):
-    process, _ = start_slow_sweep(tmp_path, trials=1000)
+    process, out = start_slow_sweep(tmp_path, trials=60)
     workers = []
-    try:
-        wait_for(lambda: len(pool_workers(process.pid)) == 2 or process.poll() is not None, "two pool workers")
+    try:  # once a point has finished, the workers are past their start-up and computing
+        wait_for(lambda: finished_points(out) or process.poll() is not None, "a first finished point")
         workers = pool_workers(process.pid)
-        time.sleep(1.0)  # into their first points
-        assert process.poll() is None and all(alive(pid) for pid in workers)
+        assert process.poll() is None and len(workers) == 2 and all(alive(pid) for pid in workers)
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=30)
         wait_for(lambda: not any(alive(pid) for pid in workers), "the workers to die with the sweep", seconds=10)
