@@ -23,13 +23,13 @@ model, trials), engines (this process, a process pool, Dask), store (the locked 
 manifest and point records, checked by records), tables (table, summary, plots), run (sweep).
 """
 
-from xcompile.sweep.grid import OPTIONS, Axis, Grid, Point, load_grid
+from xcompile.sweep.grid import FLOAT_OPTIONS, OPTIONS, RESERVED_COLUMNS, Axis, Grid, Point, load_grid
 from xcompile.sweep.run import sweep
 from xcompile.sweep.store import MANIFEST_FORMAT, Results
 from xcompile.sweep.tables import summarize, write_plots
 from xcompile.sweep.work import POINT_COLUMNS, TIMING_COLUMNS, TRIAL_COLUMNS, PointTask, run_point
 
 __all__ = [
-    "MANIFEST_FORMAT", "OPTIONS", "POINT_COLUMNS", "TIMING_COLUMNS", "TRIAL_COLUMNS", "Axis", "Grid", "Point", "PointTask",
-    "Results", "load_grid", "run_point", "summarize", "sweep", "write_plots",
+    "FLOAT_OPTIONS", "MANIFEST_FORMAT", "OPTIONS", "POINT_COLUMNS", "RESERVED_COLUMNS", "TIMING_COLUMNS", "TRIAL_COLUMNS",
+    "Axis", "Grid", "Point", "PointTask", "Results", "load_grid", "run_point", "summarize", "sweep", "write_plots",
 ]

@@ -66,13 +66,13 @@ class Results:
 
     def begin(self) -> None:
         """Make the folder this sweep's: the manifest first, so nothing is ever written without it."""
+        if not (self.folder / "manifest.json").exists():
+            with atomic_output(self.folder / "manifest.json") as temp:
+                temp.write_text(json.dumps(self.manifest, indent=2))
         try:
             (self.folder / "points").mkdir(exist_ok=True)
         except OSError as exc:
             raise XCompileError(f"results folder '{self.folder}': cannot make points/ ({exc.strerror})") from None
-        if not (self.folder / "manifest.json").exists():
-            with atomic_output(self.folder / "manifest.json") as temp:
-                temp.write_text(json.dumps(self.manifest, indent=2))
 
     def point(self, key: str) -> Point:
         return self._points[key]
