@@ -146,9 +146,9 @@ def _scale(value, what: str) -> np.ndarray:
     array = _const(value)
     if array is None:
         raise Unsupported(f"the {what} '{value.name if value is not None else ''}' is not a constant")
-    if array.dtype != np.float32:
-        raise Unsupported(f"the {what} is {array.dtype}; xcompile lowers float32 scales only")
-    return array
+    if array.dtype not in (np.float32, np.float16):
+        raise Unsupported(f"the {what} is {array.dtype}; xcompile lowers float32 and float16 scales")
+    return array.astype(np.float32)  # exact; ONNX Runtime computes its output scale in float32
 
 
 def _output_scale(*factors: np.ndarray, divide: np.ndarray | None = None) -> np.ndarray:
