@@ -19,7 +19,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
-from xcompile.config import Hardware, hardware_from
+from xcompile.config import Hardware, runtime_hardware
 from xcompile.errors import XCompileError
 from xcompile.ir import CUSTOM_DOMAIN, MVM_OP, Layer, Program
 from xcompile.runtime import digital
@@ -42,7 +42,8 @@ class Session:
     calibration: feeds (dict name -> array) to set calibrated ADC / DAC ranges from; without
     them, ranges are calibrated on the first batch passed to `run` (and a warning says so).
     hardware / keyword options: hardware to run on instead of the one compiled for (a preset
-    name, dict, TOML path or Hardware, then single options on top); the array size must match.
+    name, dict, TOML path or Hardware, then single options on top); the array size is always the
+    mapping's, and only an explicit rows= / cols= that differs from it is an error.
     """
 
     def __init__(self, mapping, *, seed: int = 0, calibration: dict | None = None, hardware=None, **hardware_options: Any):
@@ -302,20 +303,12 @@ class _Segment:
 
 
 def _runtime_hardware(program: Program, hardware, options: dict) -> Hardware:
-    """The hardware to run on: compiled-for, or replaced / overridden; the array size must match."""
-    base = program.hardware if hardware is None else hardware_from(hardware)
+    """The hardware to run on: compiled-for, or replaced / overridden; the array size stays the mapping's."""
     known = {f.name for f in dataclasses.fields(Hardware)}
     unknown = sorted(set(options) - known)
     if unknown:
         raise XCompileError(f"unknown runtime option(s) {', '.join(map(repr, unknown))}; known: seed, calibration, hardware, {', '.join(sorted(known))}")
-    hw = dataclasses.replace(base, **options)
-    for name in ("rows", "cols"):
-        if getattr(hw, name) != getattr(program.hardware, name):
-            raise XCompileError(
-                f"hardware option '{name}' is {getattr(hw, name)} but the mapping was compiled for "
-                f"{getattr(program.hardware, name)}: recompile to change the array size"
-            )
-    return hw
+    return runtime_hardware(program.hardware, hardware, options)
 
 
 def _seed(seed) -> int:

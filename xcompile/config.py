@@ -255,6 +255,31 @@ def split_options(options: dict[str, Any]) -> tuple[CompileOptions, Hardware]:
     return opts, hw
 
 
+STRUCTURAL = ("rows", "cols")  # what a mapping was cut for; fixed once compiled
+
+
+def runtime_hardware(compiled: Hardware, hardware=None, options: dict[str, Any] | None = None) -> Hardware:
+    """The hardware a compiled mapping runs on: `compiled`, or `hardware` (a preset name, dict,
+    TOML path or Hardware) with the structural keys (array size) taken from `compiled`, then
+    single `options` on top. Only an explicit option that contradicts the array size is an error:
+    a preset or file describes devices, wires and converters for whatever array it is given.
+    """
+    options = dict(options or {})
+    known = {f.name for f in fields(Hardware)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise XCompileError(f"unknown hardware option(s) {', '.join(map(repr, unknown))}; known: {', '.join(sorted(known))}")
+    for name in STRUCTURAL:
+        if name in options and options[name] != getattr(compiled, name):
+            raise XCompileError(
+                f"hardware option '{name}' is {options[name]!r} but the mapping was compiled for "
+                f"{getattr(compiled, name)}: recompile to change the array size"
+            )
+    base = compiled if hardware is None else hardware_from(hardware)
+    structure = {name: getattr(compiled, name) for name in STRUCTURAL}
+    return dataclasses.replace(base, **{**options, **structure})
+
+
 def hardware_from(source: Hardware | dict | str | Path) -> Hardware:
     """A Hardware from an instance, a preset name, a dict, or a TOML file (top level or [hardware]).
 
