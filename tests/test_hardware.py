@@ -57,3 +57,32 @@ def test_cli_run_with_a_preset_on_a_small_mapping(tmp_path, capsys):
     assert main(["run", str(mapping), "--input", str(tmp_path / "x.npy"), "--preset", "rram",
                  "--calibration", f"input={tmp_path / 'x.npy'}"]) == 0
     assert "shape [3, 10]" in capsys.readouterr().out
+
+
+def test_presets_command_prints_every_value_with_its_source(capsys):
+    import json
+
+    from xcompile.config import PRESETS
+
+    assert main(["presets", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)["presets"]
+    assert [p["name"] for p in listed] == list(PRESETS)
+    for preset in listed:
+        assert set(preset["sources"]) == set(PRESETS[preset["name"]])
+        assert all(source.strip() for source in preset["sources"].values())
+        for key, value in PRESETS[preset["name"]].items():
+            assert preset["values"][key] == value
+    assert {"rram", "rram-harsh", "pcm", "x-changr"} <= set(PRESETS)
+    assert main(["presets"]) == 0
+    assert "x-changr" in capsys.readouterr().out
+
+
+def test_an_unknown_preset_lists_the_known_ones(tmp_path, capsys):
+    mapping = tmp_path / "m.bin"
+    assert main([str(DIGITS), "-o", str(mapping), "-q"]) == 0
+    np.save(tmp_path / "x.npy", np.zeros((1, 1, 8, 8), np.float32))
+    assert main(["run", str(mapping), "--input", str(tmp_path / "x.npy"), "--preset", "nosuch"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown hardware preset 'nosuch'" in err and "rram-harsh" in err and "pcm" in err
+    with pytest.raises(XCompileError, match="does not exist"):
+        xcompile.Session(str(mapping), hardware=str(tmp_path / "missing.toml"))

@@ -16,7 +16,7 @@ import numpy as np
 
 from xcompile.errors import XCompileError
 
-COMMANDS = ("compile", "inspect", "run", "eval", "sweep")
+COMMANDS = ("compile", "inspect", "run", "eval", "sweep", "presets")
 
 # hardware flags shared by compile, run and eval: (flag, type, help)
 HARDWARE_FLAGS = (
@@ -37,6 +37,7 @@ HARDWARE_FLAGS = (
     ("--stuck-off-rate", float, "fraction of cells stuck at g_off"),
     ("--stuck-on-rate", float, "fraction of cells stuck at g_on"),
     ("--read-noise", float, "relative read noise per cell and MVM"),
+    ("--compensation", str, "line-resistance compensation fitted per tile when programmed: none | column | row-column | predistort"),
 )
 
 
@@ -137,12 +138,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the summary (one record per point) as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=_sweep)
+
+    p = sub.add_parser("presets", help="list the named hardware presets with every value and its source")
+    p.add_argument("--json", action="store_true", help="print them as JSON")
+    p.set_defaults(handler=_presets)
     return parser
 
 
 def _hardware_args(p: argparse.ArgumentParser) -> None:
     group = p.add_argument_group("hardware (SI units; override the preset / file)")
-    group.add_argument("--preset", help="named hardware: ideal, rram, rram-harsh")
+    group.add_argument("--preset", help="named hardware (`xcompile presets` lists them with their values and sources)")
     group.add_argument("--hardware", metavar="FILE", help="hardware description (TOML)")
     for flag, kind, text in HARDWARE_FLAGS:
         group.add_argument(flag, type=kind, help=text)
@@ -297,6 +302,29 @@ def _sweep(args) -> int:
     resumed = len(summary) - table.attrs["computed"]
     print(f"wrote {Path(args.output) / 'table.csv'}, summary.csv and plots/ there"
           + (f" ({resumed} of {len(summary)} points were there already)" if resumed else ""))
+    return 0
+
+
+def _presets(args) -> int:
+    from xcompile.config import Hardware
+    from xcompile.presets import CATALOGUE, NOT_FOUND
+
+    defaults = Hardware().to_dict()
+    if args.json:
+        records = [
+            {"name": p.name, "description": p.description, "values": Hardware(**p.values).to_dict(), "sources": p.sources}
+            for p in CATALOGUE.values()
+        ]
+        print(json.dumps({"presets": records, "not_found": NOT_FOUND}, indent=2))
+        return 0
+    for preset in CATALOGUE.values():
+        print(f"{preset.name}: {preset.description}")
+        for key, value in preset.values.items():
+            print(f"  {key} = {value!r}  ({preset.sources[key]})")
+        rest = sorted(k for k in defaults if k not in preset.values)
+        print(f"  everything else at its default: {', '.join(f'{k}={defaults[k]!r}' for k in rest)}")
+    for name, why in NOT_FOUND.items():
+        print(f"{name}: not shipped: {why}")
     return 0
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from xcompile.errors import XCompileError
+from xcompile.presets import CATALOGUE
 
 ENCODINGS = ("dual", "acm", "offset")
 REMAPS = ("none", "static", "dynamic", "sparse")
@@ -26,6 +27,8 @@ VARIATIONS = ("none", "lognormal", "gaussian")
 DAC_RANGES = ("absmax", "calibrated")
 ADC_RANGES = ("fixed", "calibrated", "per_column")
 INPUT_MODES = ("analog", "bit_serial")
+COMPENSATIONS = ("none", "column", "row-column", "predistort")
+WEIGHT_SCALES = ("layer", "channel")
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,7 @@ class Hardware:
     stuck_off_rate: float = 0.0
     stuck_on_rate: float = 0.0
     read_noise: float = 0.0
+    compensation: str = "none"
 
     def __post_init__(self) -> None:
         for name in ("rows", "cols"):
@@ -77,7 +81,7 @@ class Hardware:
                 raise XCompileError(f"hardware option '{name}' is a fraction of cells and must be in [0, 1], got {value}")
         if self.stuck_off_rate + self.stuck_on_rate > 1:
             raise XCompileError("hardware options 'stuck_off_rate' + 'stuck_on_rate' must not exceed 1")
-        for name, allowed in (("variation", VARIATIONS), ("dac_range", DAC_RANGES), ("adc_range", ADC_RANGES), ("input_mode", INPUT_MODES)):
+        for name, allowed in (("variation", VARIATIONS), ("dac_range", DAC_RANGES), ("adc_range", ADC_RANGES), ("input_mode", INPUT_MODES), ("compensation", COMPENSATIONS)):
             if getattr(self, name) not in allowed:
                 raise XCompileError(f"hardware option '{name}' must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.variation == "none" and self.sigma > 0:
@@ -107,18 +111,8 @@ class Hardware:
 
 
 # Named hardware descriptions: `--preset NAME` / `hardware="NAME"`; explicit options override them.
-PRESETS: dict[str, dict[str, Any]] = {
-    "ideal": {},
-    "rram": {  # a typical 1T1R RRAM macro: 8-bit converters, 5% lognormal spread, 2.5 Ohm segments
-        "r_wire": 2.5, "r_source": 100.0, "r_sink": 100.0, "dac_bits": 8, "adc_bits": 8,
-        "adc_range": "calibrated", "variation": "lognormal", "sigma": 0.05,
-    },
-    "rram-harsh": {  # long, thin lines and a wide spread: where mapping tricks matter
-        "r_wire": 10.0, "r_source": 500.0, "r_sink": 500.0, "dac_bits": 6, "adc_bits": 6,
-        "adc_range": "calibrated", "variation": "lognormal", "sigma": 0.15,
-        "stuck_off_rate": 0.01, "stuck_on_rate": 0.001,
-    },
-}
+# Every value and its source: xcompile/presets.py, docs/hardware.md, `xcompile presets`.
+PRESETS: dict[str, dict[str, Any]] = {name: dict(preset.values) for name, preset in CATALOGUE.items()}
 
 
 @dataclass(frozen=True)
@@ -295,7 +289,12 @@ def hardware_from(source: Hardware | dict | str | Path) -> Hardware:
         try:
             data = tomllib.loads(path.read_text())
         except FileNotFoundError:
-            raise XCompileError(f"hardware file '{path}' does not exist") from None
+            if isinstance(source, str) and path.suffix == "" and len(path.parts) == 1:
+                raise XCompileError(
+                    f"unknown hardware preset {source!r}; presets: {', '.join(PRESETS)} (`xcompile presets` shows their "
+                    "values), or give a TOML file"
+                ) from None
+            raise XCompileError(f"hardware file '{path}' does not exist (presets: {', '.join(PRESETS)})") from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise XCompileError(f"hardware file '{path}' is not valid TOML: {exc}") from None
         source = data.get("hardware", data)
