@@ -73,6 +73,8 @@ class ProgrammedLayer:
         self._crossbar_bias = self._no_bias if self.bias is None else layer.to_crossbar_order(self.bias)
         # y = s * sum(coeff * I) * this, s the input vector's range (see runtime/converters.py)
         self.output_factor = level_max * layer.scale / (hardware.v_read * (hardware.g_on - hardware.g_off))
+        # per-channel weight scales: each output times its own step, digitally, before the bias
+        self.channel = None if layer.channel_scale is None else layer.to_crossbar_order(layer.channel_scale).astype(np.float64)
 
     @property
     def needs_calibration(self) -> bool:
@@ -173,8 +175,11 @@ class ProgrammedLayer:
         enc = self.layer.encoding
         kernels.combine(
             acc, self.block_acc, self.block_out, self.block_outputs, enc.term_offset, enc.term_step, enc.term_coeff,
-            scale * self.output_factor, bias, out,
+            scale * self.output_factor, bias if self.channel is None else self._no_bias, out,
         )
+        if self.channel is not None:
+            out *= self.channel.astype(out.dtype, copy=False)
+            out += bias.astype(out.dtype, copy=False)
         return passes * x.shape[0], clipped
 
     def _input_scale(self, x: np.ndarray) -> np.ndarray:
@@ -327,7 +332,7 @@ def effective_weights(layer: Layer) -> np.ndarray:
         (r0, r1), (c0, c1) = tiling.row_range[i], tiling.out_range[i]
         block = enc.combine(layer.levels[i, : r1 - r0].astype(np.float64), c1 - c0)
         layer.add_block(target, (r0, r1), (c0, c1), block)
-    return target * layer.scale
+    return target * layer.output_step()
 
 
 def read_energy(layer: Layer, hw: Hardware, options, rows: np.ndarray) -> float:

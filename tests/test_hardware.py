@@ -86,3 +86,80 @@ def test_an_unknown_preset_lists_the_known_ones(tmp_path, capsys):
     assert "unknown hardware preset 'nosuch'" in err and "rram-harsh" in err and "pcm" in err
     with pytest.raises(XCompileError, match="does not exist"):
         xcompile.Session(str(mapping), hardware=str(tmp_path / "missing.toml"))
+
+
+def _unequal_channels(k: int = 40, n: int = 12, seed: int = 3, decades: float = 3):
+    """One Gemm whose output channels span `decades` decades of weight magnitude."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    w = (rng.normal(size=(k, n)) * np.logspace(0, -decades, n)).astype(np.float32)
+    b = rng.normal(size=n).astype(np.float32) * 1e-3
+    node = helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="fc")
+    graph = helper.make_graph(
+        [node], "unequal", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", k])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", n])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _relative_error_per_channel(y, reference):
+    return np.abs(y - reference).max(axis=0) / np.abs(reference).max(axis=0)
+
+
+@pytest.mark.parametrize("encoding", ["dual", "acm", "offset"])
+def test_channel_scales_keep_small_channels_and_ideal_mode_stays_exact(encoding, tmp_path):
+    import onnxruntime as ort
+
+    model = _unequal_channels()
+    x = np.random.default_rng(0).normal(size=(64, 40)).astype(np.float32)
+    reference = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+    errors = {}
+    for scale in ("layer", "channel"):
+        ideal = xcompile.compile_model(model, ideal=True, weight_scale=scale, encoding=encoding, progress=False)
+        y = xcompile.Session(ideal).run(None, {"x": x})[0]
+        np.testing.assert_allclose(y, reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quantised = xcompile.compile_model(model, weight_scale=scale, encoding=encoding, progress=False)
+        quantised.save(tmp_path / f"{scale}.bin")
+        y = xcompile.Session(str(tmp_path / f"{scale}.bin")).run(None, {"x": x})[0]
+        errors[scale] = _relative_error_per_channel(y, reference)
+    assert errors["layer"].max() > 0.5  # the smallest channels are rounded away on one scale
+    assert errors["channel"].max() < 0.02  # each channel on its own 8-bit step
+    assert xcompile.load(tmp_path / "channel.bin").layers[0].channel_scale.shape == (12,)
+
+
+def test_channel_scales_on_crossbars_with_converters():
+    """The per-channel step is applied after the ADC and recombination, before the bias."""
+    import onnxruntime as ort
+
+    model = _unequal_channels()
+    x = np.random.default_rng(1).normal(size=(64, 40)).astype(np.float32)
+    reference = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+    mapping = xcompile.compile_model(model, weight_scale="channel", progress=False)
+    y = xcompile.Session(mapping, calibration={"x": x}, dac_bits=8, adc_bits=10).run(None, {"x": x})[0]
+    assert _relative_error_per_channel(y, reference).max() < 0.05
+
+
+def test_compile_warns_when_one_layer_scale_rounds_most_weights_to_zero():
+    model = _unequal_channels(n=24, decades=5)
+    with pytest.warns(UserWarning, match=r"layer 'fc': one 8-bit scale per layer rounds \d+% of its nonzero weights to zero"):
+        xcompile.compile_model(model, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        xcompile.compile_model(model, weight_scale="channel", progress=False)
+
+
+def test_channel_scales_follow_remapped_outputs():
+    import onnxruntime as ort
+
+    model = _unequal_channels(n=12)
+    x = np.random.default_rng(2).normal(size=(32, 40)).astype(np.float32)
+    reference = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+    mapping = xcompile.compile_model(model, weight_scale="channel", remap="static", r_wire=2.0, cols=8, progress=False)
+    assert mapping.layers[0].output_order is not None and not np.array_equal(mapping.layers[0].output_order, np.arange(12))
+    y = xcompile.Session(mapping, r_wire=0.0).run(None, {"x": x})[0]
+    assert _relative_error_per_channel(y, reference).max() < 0.02

@@ -81,6 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cols", type=int, help="crossbar columns (default 128)")
     _hardware_args(p)
     p.add_argument("--weight-bits", type=int, help="weight magnitude bits (default 8)")
+    p.add_argument("--weight-scale", help="layer (default: one scale per layer) or channel (one per output, applied digitally)")
     p.add_argument("--cell-bits", type=int, help="bits per cell (default 8); weight_bits / cell_bits slices")
     p.add_argument("--encoding", help="signed-weight encoding: dual (default), acm, offset")
     p.add_argument("--acm-fit", help="ACM rows that overflow the cells: scale (default) or clip")
@@ -174,6 +175,7 @@ def _compile(args) -> int:
             "rows": args.rows,
             "cols": args.cols,
             "weight_bits": args.weight_bits,
+            "weight_scale": args.weight_scale,
             "cell_bits": args.cell_bits,
             "encoding": args.encoding,
             "acm_fit": args.acm_fit,

@@ -121,6 +121,8 @@ class CompileOptions:
 
     ideal: keep float weights (no quantisation); the equivalence mode.
     weight_bits: bits of a quantised weight's magnitude (the sign is carried by the encoding).
+    weight_scale: layer (one symmetric scale per layer) | channel (one per output channel, i.e. per
+        crossbar column group, applied digitally after recombination).
     cell_bits: bits one cell stores; a weight takes ceil(weight_bits / cell_bits) slices.
     encoding: dual | acm | offset (passes/encode.py).
     acm_fit: what ACM does with a row whose suffix sums overflow the cells: scale | clip.
@@ -140,6 +142,7 @@ class CompileOptions:
 
     ideal: bool = False
     weight_bits: int = 8
+    weight_scale: str = "layer"
     cell_bits: int = 8
     encoding: str = "dual"
     acm_fit: str = "scale"
@@ -166,7 +169,7 @@ class CompileOptions:
             raise XCompileError(f"option 'encoding' must be one of {', '.join(ENCODINGS)}, got {self.encoding!r}")
         if self.acm_fit not in ACM_FITS:
             raise XCompileError(f"option 'acm_fit' must be one of {', '.join(ACM_FITS)}, got {self.acm_fit!r}")
-        for name, allowed in (("remap", REMAPS), ("sensitivity", SENSITIVITIES)):
+        for name, allowed in (("remap", REMAPS), ("sensitivity", SENSITIVITIES), ("weight_scale", WEIGHT_SCALES)):
             if getattr(self, name) not in allowed:
                 raise XCompileError(f"option '{name}' must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if not isinstance(self.remap_rows, bool):
