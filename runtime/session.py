@@ -132,6 +132,12 @@ class Session:
         return sum(r.crossbar.clipped for r in self._layers.values())
 
     @property
+    def compensation(self) -> dict[str, dict]:
+        """Per programmed layer, what programming and compensation did: the mode, the rms array
+        error on the probe inputs before and after the fit (relative), and seconds spent."""
+        return {r.layer.name: r.crossbar.compensation for r in self._layers.values() if r.crossbar.compensation is not None}
+
+    @property
     def adc_conversions(self) -> int:
         return sum(r.crossbar.conversions for r in self._layers.values())
 

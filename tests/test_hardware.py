@@ -163,3 +163,84 @@ def test_channel_scales_follow_remapped_outputs():
     assert mapping.layers[0].output_order is not None and not np.array_equal(mapping.layers[0].output_order, np.arange(12))
     y = xcompile.Session(mapping, r_wire=0.0).run(None, {"x": x})[0]
     assert _relative_error_per_channel(y, reference).max() < 0.02
+
+
+def _array_error(session, x_voltages: np.ndarray) -> float:
+    """||currents after the digital gains (and row scales) - currents of the target cells|| /
+    ||target currents||, measured on the tile's used columns for these normalised voltages."""
+    from xcompile.runtime.devices import level_conductance
+
+    crossbar = session._layers[0].crossbar
+    (block,) = crossbar.blocks
+    layer, hw = crossbar.layer, session.hardware
+    used = block.conductance.shape[1]
+    target = level_conductance(layer.levels[0][:, :used], session.program.options.level_max, hw) * hw.v_read
+    v = x_voltages if block.row_scale is None else x_voltages * block.row_scale
+    measured = (v @ block.conductance.astype(np.float64)) * block.gain
+    wanted = x_voltages @ target
+    return float(np.linalg.norm(measured - wanted) / np.linalg.norm(wanted))
+
+
+@pytest.fixture(scope="module")
+def full_tile():
+    """A 128-input, 64-output layer: one full 128 x 128 dual-array tile."""
+    from builders import dense
+
+    return xcompile.compile_model(dense(128, 64, seed=0, bias=False), progress=False)
+
+
+def test_column_compensation_cuts_the_array_error_of_a_full_tile(full_tile):
+    v = np.random.default_rng(5).random((256, 128))  # uniform inputs
+    errors = {}
+    for mode in ("none", "column", "row-column"):
+        session = xcompile.Session(full_tile, g_on=1e-3, r_wire=1.0, compensation=mode)
+        errors[mode] = _array_error(session, v)
+    assert errors["none"] > 0.10  # a 128-long line at 1 kOhm cells loses a lot
+    assert errors["column"] < 0.10 and errors["column"] < errors["none"] / 5
+    assert errors["row-column"] <= errors["column"] * 1.01
+
+
+def test_compensation_is_seeded_and_fits_the_programmed_cells(full_tile):
+    options = dict(r_wire=1.0, variation="lognormal", sigma=0.05, compensation="column")
+    gains = [xcompile.Session(full_tile, seed=s, **options)._layers[0].crossbar.blocks[0].gain for s in (3, 3, 4)]
+    np.testing.assert_array_equal(gains[0], gains[1])
+    assert not np.array_equal(gains[0], gains[2])
+
+
+def test_predistortion_solves_through_the_network_and_reports_its_cost():
+    from builders import dense
+
+    mapping = xcompile.compile_model(dense(24, 12, seed=1, bias=False), rows=24, cols=24, progress=False)
+    v = np.random.default_rng(6).random((256, 24))
+    wires = dict(g_on=1e-3, r_wire=5.0, r_source=50.0, r_sink=50.0)
+    column = xcompile.Session(mapping, compensation="column", **wires)
+    solved = xcompile.Session(mapping, compensation="predistort", **wires)
+    assert solved._layers[0].crossbar.compensation["predistort_seconds"] > 0
+    assert _array_error(solved, v) < 0.8 * _array_error(column, v)
+    from xcompile.runtime import compensation
+    from xcompile.runtime.devices import level_conductance
+
+    target = level_conductance(mapping.layers[0].levels[0], 255.0, solved.hardware)
+    written, info = compensation.predistort(target, (24, 24), solved.hardware, compensation.probe_moment(24))
+    assert solved.hardware.g_off <= written.min() and written.max() <= solved.hardware.g_on  # within the window
+    assert info["misfit_after"] < info["misfit_before"]
+
+
+@pytest.mark.parametrize("options", [dict(encoding="dual"), dict(encoding="acm"), dict(encoding="offset"),
+                                     dict(weight_bits=8, cell_bits=4), dict(weight_scale="channel")])
+def test_compensation_composes_with_encodings_slicing_and_converters(options):
+    import onnxruntime as ort
+
+    from builders import dense
+
+    model = dense(96, 40, seed=2)
+    mapping = xcompile.compile_model(model, progress=False, **options)
+    x = np.random.default_rng(7).random((128, 96)).astype(np.float32)
+    reference = xcompile.Session(mapping).run(None, {"x": x})[0]  # the quantised model, ideal hardware
+    errors = {}
+    for mode in ("none", "column", "row-column"):
+        session = xcompile.Session(mapping, calibration={"x": x}, r_wire=1.0, dac_bits=8, adc_bits=8, compensation=mode)
+        y = session.run(None, {"x": x})[0]
+        errors[mode] = np.linalg.norm(y - reference) / np.linalg.norm(reference)
+    assert errors["column"] < errors["none"] / 2
+    assert errors["row-column"] < errors["none"] / 2
