@@ -41,6 +41,9 @@ class _RowBlock:
     seen_max: np.ndarray  # float64 [columns]: largest current seen while calibrating
     gain: np.ndarray  # float32 [columns]: digital gain after the ADC (compensation; 1 without)
     row_scale: np.ndarray | None  # float64 [rows]: digital input scale before the DAC (row-column)
+    fit: tuple | None = None  # (G_eff, target) of the used columns, float64, to refit on data
+    moment_sum: np.ndarray | None = None  # sum of v v^T over calibration reads (data-fitted compensation)
+    moment_count: int = 0
     inverse_full_scale: np.ndarray = None  # float32 [columns]: 1 / ADC range in use
     step: np.ndarray = None  # float32 [columns]: ADC range / levels
 
@@ -86,6 +89,37 @@ class ProgrammedLayer:
     def needs_calibration(self) -> bool:
         hw = self.hw
         return not self.ideal and ((hw.adc_bits > 0 and hw.adc_range != "fixed") or hw.dac_range == "calibrated")
+
+    @property
+    def fits_on_data(self) -> bool:
+        """Whether calibration data should refit this layer's compensation."""
+        return not self.ideal and self.hw.compensation != "none"
+
+    def collect_moments(self) -> None:
+        """From now on record E[v v^T] of the unscaled row voltages of every read, per row block."""
+        for block in self.blocks:
+            rows = block.rows[1] - block.rows[0]
+            block.moment_sum, block.moment_count = np.zeros((rows, rows)), 0
+
+    def refit(self) -> None:
+        """Fit the compensation again on the recorded voltages in place of the probe distribution."""
+        report = {"mode": self.hw.compensation, "misfit_before": 0.0, "misfit_after": 0.0}
+        for block in self.blocks:
+            if block.moment_sum is None or block.moment_count == 0:
+                moment = None
+            else:
+                moment = block.moment_sum / block.moment_count
+            gain, block.row_scale = _fit(self.hw.compensation, [block.fit[0]], [block.fit[1]], report, moment)
+            block.gain = gain.astype(np.float32)
+            block.moment_sum, block.moment_count = None, 0
+        scales = [b.row_scale if b.row_scale is not None else np.ones(b.rows[1] - b.rows[0]) for b in self.blocks]
+        self.row_scale = None if all(b.row_scale is None for b in self.blocks) else np.concatenate(scales).astype(np.float32)
+        signal = max(report.pop("signal", 0.0), 1e-300)
+        self.compensation = {
+            **self.compensation, "fitted_on": "calibration data",
+            "error_before": float(np.sqrt(report.pop("misfit_before") / signal)),
+            "error_after": float(np.sqrt(report.pop("misfit_after") / signal)),
+        }
 
     def start_calibration(self) -> None:
         """Forget what earlier calibrations saw: ranges come from this run alone."""
@@ -207,6 +241,12 @@ class ProgrammedLayer:
         convert = self.hw.adc_bits > 0 and not self.calibrating
         clipped = 0
         for block, currents in zip(self.blocks, self._array_reads(voltages)):
+            if block.moment_sum is not None:
+                v = voltages[:, block.rows[0] : block.rows[1]].astype(np.float64)
+                if block.row_scale is not None:
+                    v = v / block.row_scale
+                block.moment_sum += v.T @ v
+                block.moment_count += v.shape[0]
             if block.noise_variance is not None:
                 v = voltages[:, block.rows[0] : block.rows[1]]
                 spread = np.sqrt(np.square(v) @ block.noise_variance)
@@ -304,7 +344,7 @@ def _program_blocks(
         return int(r1 - r0), enc.columns_used(int(c1 - c0))
 
     targets = {i: devices.level_conductance(layer.levels[i], level_max, hw) for i in order}
-    report = {"mode": hw.compensation, "misfit_before": 0.0, "misfit_after": 0.0, "seconds": 0.0}
+    report = {"mode": hw.compensation, "fitted_on": "probe", "misfit_before": 0.0, "misfit_after": 0.0, "seconds": 0.0}
     started = time.perf_counter()
     written = targets
     if hw.compensation == "predistort" and not hw.wires_ideal:
@@ -333,6 +373,7 @@ def _program_blocks(
             owner.extend([i] * used_columns)
             fixed.extend([hw.v_read * hw.g_on * (r1 - r0)] * used_columns)
         gain, row_scale = _fit(hw.compensation, columns, goals, report)
+        fit = None if hw.compensation == "none" else (np.concatenate(columns, axis=1), np.concatenate(goals, axis=1))
         conductance = (np.concatenate(columns, axis=1) * hw.v_read).astype(np.float32)
         fixed_scale = np.array(fixed, dtype=np.float64)
         block = _RowBlock(
@@ -347,6 +388,7 @@ def _program_blocks(
             seen_max=np.zeros_like(fixed_scale),
             gain=gain.astype(np.float32),
             row_scale=row_scale,
+            fit=fit,
         )
         block.set_full_scale(fixed_scale, float(2**hw.adc_bits - 1))
         blocks.append(block)
@@ -357,11 +399,12 @@ def _program_blocks(
     return blocks, report
 
 
-def _fit(mode: str, columns: list, goals: list, report: dict) -> tuple[np.ndarray, np.ndarray | None]:
-    """Column gains (one per physical column) and, for row-column, the row block's row scales.
-    Adds the probe misfit before and after, and the signal, to `report`."""
+def _fit(mode: str, columns: list, goals: list, report: dict, moment: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Column gains (one per physical column) and, for row-column, the row block's row scales,
+    on the inputs' second moment (the probe distribution's without one). Adds the misfit before
+    and after, and the signal, to `report`."""
     effective, target = np.concatenate(columns, axis=1), np.concatenate(goals, axis=1)
-    moment = compensation.probe_moment(effective.shape[0])
+    moment = compensation.probe_moment(effective.shape[0]) if moment is None else moment
     report["signal"] = report.get("signal", 0.0) + compensation.misfit(np.zeros_like(target), target, moment)
     report["misfit_before"] += compensation.misfit(effective, target, moment)
     row_scale = None

@@ -68,7 +68,8 @@ class Session:
         self._constants = {t.name: t for t in graph.initializer}
         self._last_use = _last_uses(self._steps, [o.name for o in graph.output])
         self._calibrated = not any(r.crossbar.needs_calibration for r in self._layers.values())
-        if calibration is not None and not self._calibrated:
+        refits = any(r.crossbar.fits_on_data for r in self._layers.values())
+        if calibration is not None and (not self._calibrated or refits):
             self.calibrate(calibration)
 
     def reprogram(self, layer: Layer, calibration: dict | None = None) -> None:
@@ -78,12 +79,26 @@ class Session:
         if layer.index not in self._layers:
             raise XCompileError(f"layer index {layer.index} is not in this session's program")
         self._layers[layer.index] = _LayerRunner(layer, ProgrammedLayer(layer, self.hardware, self._level_max, self.seed))
-        if calibration is not None and self._layers[layer.index].crossbar.needs_calibration:
+        crossbar = self._layers[layer.index].crossbar
+        if calibration is not None and (crossbar.needs_calibration or crossbar.fits_on_data):
             self.calibrate(calibration)
 
     def calibrate(self, feeds: dict[str, Any]) -> None:
-        """Run `feeds` once with ideal ADCs and set every calibrated converter range from it."""
+        """Run `feeds` once with ideal ADCs and set every calibrated converter range from it.
+        With compensation, a first run records the voltages each tile's rows see and refits
+        the compensation on them, so the ranges then follow the compensated currents."""
         programmed = [r.crossbar for r in self._layers.values()]
+        fitting = [layer for layer in programmed if layer.fits_on_data]
+        if fitting:
+            for layer in programmed:
+                layer.start_calibration()
+            for layer in fitting:
+                layer.collect_moments()
+            try:
+                self._execute(None, feeds)
+            finally:
+                for layer in fitting:
+                    layer.refit()
         for layer in programmed:
             layer.start_calibration()
         try:

@@ -244,3 +244,20 @@ def test_compensation_composes_with_encodings_slicing_and_converters(options):
         errors[mode] = np.linalg.norm(y - reference) / np.linalg.norm(reference)
     assert errors["column"] < errors["none"] / 2
     assert errors["row-column"] < errors["none"] / 2
+
+
+def test_compensation_fits_on_calibration_data_when_given():
+    """Inputs far from the probe distribution (only the first rows driven): a fit on them does better."""
+    from builders import dense
+
+    mapping = xcompile.compile_model(dense(128, 32, seed=4, bias=False), progress=False)
+    x = np.zeros((256, 128), np.float32)
+    x[:, :24] = np.random.default_rng(8).random((256, 24))
+    reference = xcompile.Session(mapping).run(None, {"x": x})[0]
+    errors = {}
+    for name, calibration in (("probe", None), ("data", {"x": x})):
+        session = xcompile.Session(mapping, r_wire=2.0, compensation="row-column", calibration=calibration)
+        y = session.run(None, {"x": x})[0]
+        errors[name] = np.linalg.norm(y - reference) / np.linalg.norm(reference)
+        assert session.compensation["fc"]["fitted_on"] == ("calibration data" if calibration else "probe")
+    assert errors["data"] < 0.5 * errors["probe"]
