@@ -122,6 +122,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--calibration", metavar="FILE.npz", help="inputs (key x) to calibrate converter ranges on")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--breakdown", action="store_true", help="trials with each non-ideality alone and all together, without and with compensation")
+    p.add_argument("--plot", metavar="FILE", help="with --breakdown: plot the drops (.png, .pdf or .svg; needs matplotlib)")
     _hardware_args(p)
     p.set_defaults(handler=_eval)
 
@@ -264,6 +266,10 @@ def _eval(args) -> int:
     calibration = None
     if args.calibration:
         calibration = _load_npz_x(args.calibration)
+    if args.plot and not args.breakdown:
+        raise XCompileError("--plot draws the breakdown: give --breakdown too")
+    if args.breakdown:
+        return _breakdown(args, calibration)
     result = evaluate(
         load(args.mapping), args.dataset, trials=args.trials, seed=args.seed, batch_size=args.batch_size,
         calibration=calibration, **_hardware_options(args),
@@ -276,6 +282,20 @@ def _eval(args) -> int:
     print(f"crossbars:                  {result['crossbar_accuracy_mean']:.2%} +- {result['crossbar_accuracy_std']:.2%}")
     print(f"drop:                       {result['drop_mean'] * 100:.2f} points")
     print(f"ADC conversions clipped:    {result['adc_clipped_mean']:.0f} per trial (mean)")
+    return 0
+
+
+def _breakdown(args, calibration) -> int:
+    from xcompile.artifact import load
+    from xcompile.evaluate import breakdown, format_breakdown, plot_breakdown
+
+    result = breakdown(
+        load(args.mapping), args.dataset, trials=args.trials, seed=args.seed, batch_size=args.batch_size,
+        calibration=calibration, **_hardware_options(args),
+    )
+    if args.plot:
+        plot_breakdown(result, args.plot)
+    print(json.dumps(result, indent=2) if args.json else format_breakdown(result))
     return 0
 
 
