@@ -75,8 +75,7 @@ class ProgrammedLayer:
         self.block_acc, self.block_out, self.block_outputs = _column_blocks(layer)
         self.acc_columns = int(self.block_acc[-1] + layer.encoding.columns_used(int(self.block_outputs[-1])))
         self.blocks, self.compensation = _program_blocks(layer, hardware, level_max, self.block_acc, np.random.default_rng([seed, layer.index]))
-        scales = [b.row_scale if b.row_scale is not None else np.ones(b.rows[1] - b.rows[0]) for b in self.blocks]
-        self.row_scale = None if all(b.row_scale is None for b in self.blocks) else np.concatenate(scales).astype(np.float32)
+        self.row_scale = _row_scales(self.blocks)
         self._array_reads = _ArrayReads(self.blocks)
         self._no_bias = np.zeros(layer.outputs)
         self._crossbar_bias = self._no_bias if self.bias is None else layer.to_crossbar_order(self.bias)
@@ -112,8 +111,7 @@ class ProgrammedLayer:
             gain, block.row_scale = _fit(self.hw.compensation, [block.fit[0]], [block.fit[1]], report, moment)
             block.gain = gain.astype(np.float32)
             block.moment_sum, block.moment_count = None, 0
-        scales = [b.row_scale if b.row_scale is not None else np.ones(b.rows[1] - b.rows[0]) for b in self.blocks]
-        self.row_scale = None if all(b.row_scale is None for b in self.blocks) else np.concatenate(scales).astype(np.float32)
+        self.row_scale = _row_scales(self.blocks)
         signal = max(report.pop("signal", 0.0), 1e-300)
         self.compensation = {
             **self.compensation, "fitted_on": "calibration data",
@@ -394,9 +392,16 @@ def _program_blocks(
         blocks.append(block)
     report["seconds"] = time.perf_counter() - started
     signal = max(report.pop("signal", 0.0), 1e-300)
-    report["error_before"] = float(np.sqrt(report.pop("misfit_before") / signal))  # rms output error / rms output
+    report["error_before"] = float(np.sqrt(report.pop("misfit_before") / signal))  # rms current error / rms current
     report["error_after"] = float(np.sqrt(report.pop("misfit_after") / signal))
     return blocks, report
+
+
+def _row_scales(blocks: list[_RowBlock]) -> np.ndarray | None:
+    """The row-column input scales of all the layer's rows (float32), or None without any."""
+    if all(block.row_scale is None for block in blocks):
+        return None
+    return np.concatenate([b.row_scale if b.row_scale is not None else np.ones(b.rows[1] - b.rows[0]) for b in blocks]).astype(np.float32)
 
 
 def _fit(mode: str, columns: list, goals: list, report: dict, moment: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:

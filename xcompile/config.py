@@ -37,7 +37,8 @@ class Hardware:
 
     The defaults are a 128 x 128 crossbar with a 1 kOhm .. 100 kOhm window and every non-ideality
     off (ideal wires, devices and converters); presets (`PRESETS`) describe realistic chips.
-    A bit count of 0 means an ideal converter.
+    A bit count of 0 means an ideal converter. `compensation` is what the chip fits per tile
+    when it is programmed (runtime/compensation.py): none | column | row-column | predistort.
     """
 
     rows: int = 128
