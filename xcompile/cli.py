@@ -340,7 +340,9 @@ def _presets(args) -> int:
         print(json.dumps({"presets": records, "not_found": NOT_FOUND}, indent=2))
         return 0
     for preset in CATALOGUE.values():
+        hw = Hardware(**preset.values)
         print(f"{preset.name}: {preset.description}")
+        print(f"  device: r_on {1 / hw.g_on:.4g} ohm, r_off {1 / hw.g_off:.4g} ohm, on/off ratio {hw.g_on / hw.g_off:.4g}")
         for key, value in preset.values.items():
             print(f"  {key} = {value!r}  ({preset.sources[key]})")
         rest = sorted(k for k in defaults if k not in preset.values)
