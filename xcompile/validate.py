@@ -16,6 +16,7 @@ import io
 import json
 import math
 import zipfile
+from tokenize import TokenError
 from typing import Any
 
 import networkx as nx
@@ -156,8 +157,8 @@ def read_npy(name: str, data: bytes, dtypes: tuple, shape: tuple) -> np.ndarray:
         major, _ = np.lib.format.read_magic(stream)
         reader = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
         found, fortran, dtype = reader(stream, max_header_size=NPY_HEADER_MAX)
-    except (ValueError, SyntaxError, TypeError, EOFError) as exc:
-        fail(name, f"not a readable .npy array ({exc})")
+    except (ValueError, SyntaxError, TypeError, EOFError, TokenError, RecursionError, MemoryError, OverflowError) as exc:
+        fail(name, f"not a readable .npy array ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
     if any(d < 0 for d in found):
         fail(name, f"negative dimension in shape {list(found)}")
     if dtype.hasobject or dtype not in [np.dtype(d) for d in dtypes]:
@@ -260,7 +261,7 @@ def _placement(value) -> nx.DiGraph | None:
             fail(MANIFEST, f"'placement.nodes' entries must have a string 'id' and plain values, got {_short(node)}")
         ids.add(node["id"])
     for edge in _list(value.get("edges"), "placement.edges"):
-        if not isinstance(edge, dict) or edge.get("source") not in ids or edge.get("target") not in ids or not all(isinstance(v, scalar) for v in edge.values()):
+        if not isinstance(edge, dict) or not all(isinstance(v, scalar) for v in edge.values()) or edge.get("source") not in ids or edge.get("target") not in ids:
             fail(MANIFEST, f"'placement.edges' entries must join two placement nodes and hold plain values, got {_short(edge)}")
     if not all(isinstance(v, scalar) for v in value["graph"].values()):
         fail(MANIFEST, "'placement.graph' attributes must be plain values")
