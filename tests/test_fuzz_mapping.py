@@ -5,7 +5,7 @@ shapes, headers or out-of-range values, manifest fields replaced or deleted, mem
 added, zip entries compressed or flagged encrypted, CrossbarMVM nodes and external data edited
 in the ONNX members. Each file either loads and runs (ideal and non-ideal hardware) to outputs of
 the right shape, equal to the unmutated run when the computation is unchanged, or is refused
-with XCompileError, never anything else. XCOMPILE_FUZZ_EXAMPLES sets the examples per test.
+with XCompileError, never anything else. XCOMPILE_FUZZ_EXAMPLES sets the examples (tests/fuzz_tally.py).
 """
 
 from __future__ import annotations
@@ -22,18 +22,16 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import xcompile
 from builders import dense, small_cnn
-from fuzz_tally import EXAMPLES, record
+from fuzz_tally import fuzz, record
 from xcompile.errors import XCompileError
 
 NON_IDEAL = {"dac_bits": 6, "adc_bits": 6, "adc_range": "fixed", "variation": "lognormal", "sigma": 0.05}
 DTYPES = ["int8", "int16", "int32", "int64", "uint8", "uint16", "uint64", "float16", "float32", "float64", "bool", ">i8", "complex64"]
-FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture])
 
 
 @dataclass(repr=False)
@@ -129,8 +127,8 @@ def _values(data, members):
         values = st.one_of(st.sampled_from([np.nan, np.inf, -np.inf, -1.0, 0.0, 1e30, -1e-30]), st.floats(allow_nan=True, width=32))
     else:
         info = np.iinfo(array.dtype)
-        values = st.one_of(st.sampled_from([-1, 0, 1, int(info.max), int(info.min)]), st.integers(int(info.min), int(info.max)),
-                           st.integers(-4, 300).filter(lambda v: info.min <= v <= info.max))
+        edges = [v for v in (-1, 0, 1, 15, 16, 255, 256, int(info.max), int(info.min)) if info.min <= v <= info.max]
+        values = st.one_of(st.sampled_from(edges), st.integers(int(info.min), int(info.max)), st.integers(max(-4, int(info.min)), min(300, int(info.max))))
     for _ in range(data.draw(st.integers(1, 4), label="values")):
         flat[data.draw(st.integers(0, flat.size - 1))] = data.draw(values)
     members[name] = _npy(array)
@@ -373,7 +371,7 @@ def _outcome(base: Base, path: Path) -> str:
     return "ran"
 
 
-@FUZZ
+@fuzz
 @given(data=st.data())
 def test_a_mutated_mapping_loads_and_runs_or_is_refused(bases, tmp_path_factory, data):
     base = bases[data.draw(st.integers(0, len(bases) - 1), label="base")]

@@ -349,7 +349,7 @@ def _encoding(meta, key: str, arrays: dict, options: CompileOptions) -> Encoding
         fail(MANIFEST, f"'{key}.encoding' must be {want} for options encoding {options.encoding!r}, cell_bits {options.cell_bits}")
     for name in ENCODING_ARRAYS:
         if not np.array_equal(arrays[name], getattr(expected, name)):
-            fail(f"{key}/encoding.{name}", f"terms differ from the {expected.name} encoding the options define")
+            fail(f"{key}/encoding.{name}.npy", f"terms differ from the {expected.name} encoding the options define")
     return Encoding(**want, **{n: arrays[n] for n in ENCODING_ARRAYS})
 
 
