@@ -339,7 +339,7 @@ def _layer_meta(meta: dict, position: int) -> tuple[int, int, int]:
     return groups, kg, ng
 
 
-def _encoding(meta, key: str, arrays: dict, options: CompileOptions) -> Encoding:
+def _encoding(meta, key: str, prefix: str, arrays: dict, options: CompileOptions) -> Encoding:
     """The recombination terms: fully given by the options (passes/encode.py), so checked equal."""
     from xcompile.passes.encode import encoding_for
 
@@ -349,7 +349,7 @@ def _encoding(meta, key: str, arrays: dict, options: CompileOptions) -> Encoding
         fail(MANIFEST, f"'{key}.encoding' must be {want} for options encoding {options.encoding!r}, cell_bits {options.cell_bits}")
     for name in ENCODING_ARRAYS:
         if not np.array_equal(arrays[name], getattr(expected, name)):
-            fail(f"{key}/encoding.{name}.npy", f"terms differ from the {expected.name} encoding the options define")
+            fail(f"{prefix}encoding.{name}.npy", f"terms differ from the {expected.name} encoding the options define")
     return Encoding(**want, **{n: arrays[n] for n in ENCODING_ARRAYS})
 
 
@@ -371,14 +371,14 @@ def _tile_count(shape, hardware: Hardware, encoding: Encoding) -> int:
     return int(canonical_tiles(groups * kg, groups * ng, kg, ng, hardware.rows, per_tile)[0].shape[0])
 
 
-def _tiling(meta, key: str, arrays: dict, shape, hardware: Hardware, encoding: Encoding) -> Tiling:
+def _tiling(meta, key: str, prefix: str, arrays: dict, shape, hardware: Hardware, encoding: Encoding) -> Tiling:
     if meta != {"rows": hardware.rows, "cols": hardware.cols}:
         fail(MANIFEST, f"'{key}.tiling' must be {{'rows': {hardware.rows}, 'cols': {hardware.cols}}} (the hardware's array)")
     groups, kg, ng = shape
     expected = canonical_tiles(groups * kg, groups * ng, kg, ng, hardware.rows, encoding.outputs_per_tile(hardware.cols))
     for name, want in zip(("grid", "row_range", "out_range"), expected):
         if not np.array_equal(arrays[name], want):
-            fail(f"{key}/tiling.{name}.npy", f"the tile layout differs from the one the layer's shape and the {hardware.rows}x{hardware.cols} array give")
+            fail(f"{prefix}tiling.{name}.npy", f"the tile layout differs from the one the layer's shape and the {hardware.rows}x{hardware.cols} array give")
     return Tiling(rows=hardware.rows, cols=hardware.cols, **{n: arrays[n] for n in TILING_ARRAYS})
 
 
@@ -403,13 +403,13 @@ def build_layer(meta: dict, position: int, blobs: dict[str, bytes], options: Com
         return read_npy(prefix + name + ".npy", blobs[prefix + name + ".npy"], dtypes, dims)
 
     terms = array("encoding.term_offset", (np.int64,), (None,)).shape[0]
-    encoding = _encoding(meta["encoding"], prefix.rstrip("/"), {
+    encoding = _encoding(meta["encoding"], key, prefix, {
         "term_offset": array("encoding.term_offset", (np.int64,), (terms,)),
         "term_step": array("encoding.term_step", (np.int64,), (terms,)),
         "term_coeff": array("encoding.term_coeff", (np.float64,), (terms,)),
     }, options)
     count = _tile_count(shape, hardware, encoding)
-    tiling = _tiling(meta["tiling"], prefix.rstrip("/"), {
+    tiling = _tiling(meta["tiling"], key, prefix, {
         "grid": array("tiling.grid", (np.int64,), (count, 2)),
         "row_range": array("tiling.row_range", (np.int64,), (count, 2)),
         "out_range": array("tiling.out_range", (np.int64,), (count, 2)),
