@@ -286,6 +286,7 @@ CRAFTED = {
     "npy header claiming 10^13 values": (_huge_header, "levels.npy.*shape"),
     "NaN scale": (lambda m, j: j["layers"][0].update(scale=float("nan")), r"layers\[0\].scale"),
     "negative scale": (lambda m, j: j["layers"][1].update(scale=-1.0), r"layers\[1\].scale"),
+    "scale overflowing float32": (lambda m, j: j["layers"][0].update(scale=1e300), r"layers\[0\].scale.*overflows"),
     "group 0": (lambda m, j: j["layers"][0]["geometry"].update(group=0), "geometry.group"),
     "strides 0": (lambda m, j: j["layers"][0]["geometry"].update(strides=[0, 0]), "geometry.strides"),
     "empty member list": (lambda m, j: j.update(members=[]), "'members'"),

@@ -367,7 +367,9 @@ def _outcome(base: Base, path: Path) -> str:
             np.testing.assert_array_equal(out, expected)
         elif all(np.abs(layer.weight).max() < 1e20 and (layer.bias is None or np.abs(layer.bias).max() < 1e20) for layer in mapping.layers):
             assert np.isfinite(out).all(), "finite weights and inputs gave non-finite outputs"
-    mapping.summary()
+    from xcompile.report import format_summary
+
+    format_summary(mapping.summary())
     return "ran"
 
 

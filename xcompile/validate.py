@@ -265,7 +265,10 @@ def _placement(value) -> nx.DiGraph | None:
             fail(MANIFEST, f"'placement.edges' entries must join two placement nodes and hold plain values, got {_short(edge)}")
     if not all(isinstance(v, scalar) for v in value["graph"].values()):
         fail(MANIFEST, "'placement.graph' attributes must be plain values")
-    return nx.node_link_graph(value, edges="edges")
+    try:
+        return nx.node_link_graph(value, edges="edges")
+    except (nx.NetworkXError, KeyError, TypeError, ValueError) as exc:
+        fail(MANIFEST, f"'placement' is not a node-link graph ({exc})")
 
 
 # --- layers ------------------------------------------------------------------------------------
@@ -450,7 +453,10 @@ def build_layer(meta: dict, position: int, blobs: dict[str, bytes], options: Com
         notes=meta["notes"], **optional,
     )
     signed = _signed_weights(layer)
-    weight = (signed * layer.scale).astype(np.float32)
+    with np.errstate(over="ignore"):
+        weight = (signed * layer.scale).astype(np.float32)
+    if not np.isfinite(weight).all():
+        fail(MANIFEST, f"'{key}.scale' ({layer.scale}) times the levels overflows float32 weights")
     weight.flags.writeable = False
     weight_q = None
     if not options.ideal:
