@@ -45,16 +45,20 @@ def main() -> int:
                 env = {**os.environ, "XCOMPILE_FUZZ_EXAMPLES": str(-(-args.examples // jobs)), "XCOMPILE_FUZZ_TALLY": str(tally),
                        "XCOMPILE_FUZZ_SEED": str(args.seed + job)}
                 command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", str(path)]
-                runs.append((tally, subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)))
+                log = open(Path(folder) / f"log{job}", "w+")  # a file, not a pipe: a long failure report must not block the job
+                runs.append((tally, subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True), log))
             counts, problems = collections.Counter(), []
-            for tally, process in runs:
-                output, _ = process.communicate()
+            for tally, process, log in runs:
+                process.wait()
+                log.seek(0)
+                output = log.read()
+                log.close()
                 if tally.exists():
                     counts.update(line.strip() for line in tally.read_text().splitlines() if line.strip())
                 if process.returncode != 0:
                     problems.append(f"pytest exit {process.returncode}:\n" + "\n".join(output.strip().splitlines()[-15:]))
             if not tallied:
-                counts["passed tests (no tally)"] += sum(p.returncode == 0 for _, p in runs)
+                counts["passed tests (no tally)"] += sum(p.returncode == 0 for _, p, _ in runs)
         seconds = time.perf_counter() - started
         total = sum(counts.values())
         print(f"{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}: {total:,} examples in {seconds:.0f} s ({jobs} job(s))")
