@@ -17,7 +17,7 @@ import json
 import math
 import zipfile
 from tokenize import TokenError
-from typing import Any
+from typing import Any, NoReturn
 
 import networkx as nx
 import numpy as np
@@ -48,7 +48,7 @@ class Invalid(XCompileError):
     """A mapping that breaks a rule: `member: rule`, prefixed with the file by the loader."""
 
 
-def fail(member: str, rule: str) -> None:
+def fail(member: str, rule: str) -> NoReturn:
     raise Invalid(f"{member}: {rule}")
 
 
@@ -77,6 +77,7 @@ def check_container(archive: zipfile.ZipFile, file_size: int) -> None:
 
 
 def parse_manifest(data: bytes) -> dict:
+    """The manifest's JSON object; nesting past JSON_DEPTH_MAX is refused, never a RecursionError."""
     try:
         manifest = json.loads(data)
     except RecursionError:
@@ -106,10 +107,9 @@ def _depth(value: Any) -> int:
 
 
 def check_manifest_keys(manifest: dict) -> None:
-    missing, extra = MANIFEST_KEYS - set(manifest), set(manifest) - MANIFEST_KEYS
+    missing, extra = sorted(MANIFEST_KEYS - set(manifest)), sorted(set(manifest) - MANIFEST_KEYS)
     if missing or extra:
-        fail(MANIFEST, f"keys {sorted(missing)} missing, {sorted(extra)} unknown" if missing and extra else
-             f"keys {sorted(missing)} missing" if missing else f"unknown keys {sorted(extra)}")
+        fail(MANIFEST, f"top-level keys missing: {missing}, unknown: {extra}")
 
 
 def expected_members(manifest: dict, zip_names: set[str]) -> dict[str, str]:
@@ -323,7 +323,7 @@ def _layer_meta(meta: dict, position: int) -> tuple[int, int, int]:
         fail(MANIFEST, f"'{key}' must hold exactly {sorted(LAYER_KEYS)}")
     if meta["index"] != position or isinstance(meta["index"], bool):
         fail(MANIFEST, f"'{key}.index' must be {position} (layers in index order), got {_short(meta['index'])}")
-    for name in ("name", "node_name", "op_type", "input_name", "output_name"):
+    for name in ("name", "node_name", "op_type", "kind", "input_name", "output_name"):
         _str(meta[name], f"{key}.{name}")
     if meta["op_type"] not in KINDS.get(meta["kind"], ()):
         fail(MANIFEST, f"'{key}': kind {_short(meta['kind'])} with op_type {_short(meta['op_type'])} is not an MVM layer")
@@ -593,6 +593,8 @@ def check_runtime_graph(graph: onnx.ModelProto, layers: int) -> None:
 
 def build_program(manifest: dict, blobs: dict[str, bytes]) -> Program:
     options = _config(CompileOptions, manifest["options"], "options")
+    if not isinstance(options.ideal, bool):
+        fail(MANIFEST, f"'options.ideal' must be true or false, got {_short(options.ideal)}")
     hardware = _config(Hardware, manifest["hardware"], "hardware")
     history = _history(manifest["passes"])
     digital = _list(manifest["digital_nodes"], "digital_nodes")
