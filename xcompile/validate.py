@@ -356,29 +356,45 @@ def _encoding(meta, key: str, prefix: str, arrays: dict, options: CompileOptions
     return Encoding(**want, **{n: arrays[n] for n in ENCODING_ARRAYS})
 
 
-def canonical_tiles(k: int, n: int, kg: int, ng: int, rows: int, per_tile: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """grid, row_range, out_range of the tiles a layer takes (passes/tile.py's layout)."""
-    rb, cb = (a.reshape(-1) for a in np.meshgrid(np.arange(-(-k // rows)), np.arange(-(-n // per_tile)), indexing="ij"))
-    r0, c0 = rb * rows, cb * per_tile
-    r1, c1 = np.minimum(r0 + rows, k), np.minimum(c0 + per_tile, n)
-    keep = np.maximum(r0 // kg, c0 // ng) <= np.minimum((r1 - 1) // kg, (c1 - 1) // ng)
-    stack = lambda a, b: np.stack([a[keep], b[keep]], axis=1).astype(np.int64)  # noqa: E731
-    return stack(rb, cb), stack(r0, r1), stack(c0, c1)
+def canonical_tiles(k: int, n: int, kg: int, ng: int, rows: int, per_tile: int, limit: int):
+    """grid, row_range, out_range of the tiles a layer takes (passes/tile.py's layout: row blocks
+    in order, in each the column blocks that meet its groups), or None past `limit` tiles, so a
+    crafted layer shape costs no more memory than the levels that must back it."""
+    blocks = -(-k // rows)
+    if blocks > limit:
+        return None
+    rb = np.arange(blocks, dtype=np.int64)
+    r0 = rb * rows
+    r1 = np.minimum(r0 + rows, k)
+    first = (r0 // kg) * ng // per_tile  # column blocks holding the outputs of the row block's groups
+    last = (((r1 - 1) // kg + 1) * ng - 1) // per_tile
+    per_block = last - first + 1
+    count = int(per_block.sum())
+    if count > limit:
+        return None
+    row_block = np.repeat(rb, per_block)
+    col_block = np.arange(count, dtype=np.int64) - np.repeat(np.cumsum(per_block) - per_block, per_block) + np.repeat(first, per_block)
+    c0 = col_block * per_tile
+    pair = lambda a, b: np.stack([a, b], axis=1).astype(np.int64)  # noqa: E731
+    return pair(row_block, col_block), pair(r0[row_block], r1[row_block]), pair(c0, np.minimum(c0 + per_tile, n))
 
 
-def _tile_count(shape, hardware: Hardware, encoding: Encoding) -> int:
+def _tiles(shape, hardware: Hardware, encoding: Encoding, levels_bytes: int, member: str):
+    """The layer's canonical tile layout; refused when its levels member cannot hold that many tiles."""
     groups, kg, ng = shape
     per_tile = encoding.outputs_per_tile(hardware.cols)
     if per_tile < 1:
         fail(MANIFEST, f"a {hardware.cols}-column crossbar holds no output of the {encoding.name} encoding")
-    return int(canonical_tiles(groups * kg, groups * ng, kg, ng, hardware.rows, per_tile)[0].shape[0])
+    limit = levels_bytes // (hardware.rows * hardware.cols)  # a level takes at least one byte
+    tiles = canonical_tiles(groups * kg, groups * ng, kg, ng, hardware.rows, per_tile, limit)
+    if tiles is None:
+        fail(member, f"{levels_bytes} bytes cannot hold the levels of the tiles a {groups} x {kg} x {ng} layer takes on {hardware.rows}x{hardware.cols} crossbars")
+    return tiles
 
 
-def _tiling(meta, key: str, prefix: str, arrays: dict, shape, hardware: Hardware, encoding: Encoding) -> Tiling:
+def _tiling(meta, key: str, prefix: str, arrays: dict, expected, hardware: Hardware) -> Tiling:
     if meta != {"rows": hardware.rows, "cols": hardware.cols}:
         fail(MANIFEST, f"'{key}.tiling' must be {{'rows': {hardware.rows}, 'cols': {hardware.cols}}} (the hardware's array)")
-    groups, kg, ng = shape
-    expected = canonical_tiles(groups * kg, groups * ng, kg, ng, hardware.rows, encoding.outputs_per_tile(hardware.cols))
     for name, want in zip(("grid", "row_range", "out_range"), expected):
         if not np.array_equal(arrays[name], want):
             fail(f"{prefix}tiling.{name}.npy", f"the tile layout differs from the one the layer's shape and the {hardware.rows}x{hardware.cols} array give")
@@ -411,13 +427,14 @@ def build_layer(meta: dict, position: int, blobs: dict[str, bytes], options: Com
         "term_step": array("encoding.term_step", (np.int64,), (terms,)),
         "term_coeff": array("encoding.term_coeff", (np.float64,), (terms,)),
     }, options)
-    count = _tile_count(shape, hardware, encoding)
+    expected = _tiles(shape, hardware, encoding, len(blobs[prefix + "levels.npy"]), prefix + "levels.npy")
+    count = expected[0].shape[0]
     tiling = _tiling(meta["tiling"], key, prefix, {
         "grid": array("tiling.grid", (np.int64,), (count, 2)),
         "row_range": array("tiling.row_range", (np.int64,), (count, 2)),
         "out_range": array("tiling.out_range", (np.int64,), (count, 2)),
         "crossbar": array("tiling.crossbar", (np.int64,), (count,)),
-    }, shape, hardware, encoding)
+    }, expected, hardware)
     level_dtype = np.float32 if options.ideal else np.uint8 if options.cell_bits <= 8 else np.uint16
     levels = array("levels", (level_dtype,), (count, hardware.rows, hardware.cols))
     level_max = options.level_max * (1 + 1e-6 if options.ideal else 1)  # float levels round by an ulp
