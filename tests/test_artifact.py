@@ -295,6 +295,7 @@ CRAFTED = {
     "absurd array size": (lambda m, j: j["hardware"].update(rows=65536, cols=65536), "levels.npy.*cannot hold"),
     "layer shape beyond its levels": (lambda m, j: j["layers"][1].update(weight_shape=[1, 2**31, 2**31]), "arrays/1/levels.npy.*cannot hold"),
     "crossbar layer 99": (_graph_edit("graph.onnx", lambda g: setattr(_mvm(g).attribute[0], "i", 99)), "graph.onnx.*layer=99"),
+    "graph input of no ONNX type": (_graph_edit("graph.onnx", lambda g: setattr(g.graph.input[0].type.tensor_type, "elem_type", 99)), "graph.onnx.*element type 99"),
     "crossbar without layer": (_graph_edit("graph.onnx", lambda g: _mvm(g).ClearField("attribute")), "graph.onnx.*'layer'"),
     "external data in model.onnx": (_graph_edit("model.onnx", _external), "model.onnx.*external data"),
     "external Constant in graph.onnx": (_graph_edit("graph.onnx", _external_constant), "graph.onnx.*external data"),

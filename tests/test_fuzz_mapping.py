@@ -10,6 +10,7 @@ with XCompileError, never anything else. XCOMPILE_FUZZ_EXAMPLES sets the example
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import io
 import json
@@ -194,7 +195,7 @@ def _header(data, members):
     shape = data.draw(st.sampled_from([None, "(10000000000000,)", "(-1,)", "(3, -3)", "()", "(0,)", "(1, 1, 1, 1)"]), label="shape")
     fortran = data.draw(st.booleans(), label="fortran")
     head = {"descr": descr, "fortran_order": str(fortran), "shape": shape}
-    parsed = eval(header)  # noqa: S307 - our own test data
+    parsed = ast.literal_eval(header)
     text = "{'descr': %s, 'fortran_order': %s, 'shape': %s, }" % (
         head["descr"] or repr(parsed["descr"]), head["fortran_order"], head["shape"] or repr(parsed["shape"]))
     text = text.ljust(len(header) - 1) + "\n" if len(text) < len(header) else text + "\n"
@@ -354,9 +355,9 @@ def _outside_the_loader(exc: BaseException) -> bool:
     stored) digital graph, or the input not fitting a layer's geometry (runtime/digital.py).
     Turning these into XCompileError is the run-time boundary's work (CLI side of the same issue);
     they are tallied apart so that a campaign shows them. Everything else fails the test."""
-    if type(exc).__module__.startswith("onnxruntime"):
-        return True
     frames = traceback.extract_tb(exc.__traceback__)
+    if type(exc).__module__.startswith("onnxruntime") or any("/onnxruntime/" in frame.filename for frame in frames):
+        return True
     return isinstance(exc, ValueError) and bool(frames) and frames[-1].filename.endswith(("runtime/digital.py", "numpy/lib/_arraypad_impl.py"))
 
 

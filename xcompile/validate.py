@@ -572,7 +572,13 @@ def _tensors(model: onnx.ModelProto):
 
 
 def check_runtime_graph(graph: onnx.ModelProto, layers: int) -> None:
-    """Every CrossbarMVM node names one layer, each layer exactly once; none hides in a subgraph."""
+    """The graph's inputs and outputs have known tensor types (the session reports them); every
+    CrossbarMVM node names one layer, each layer exactly once; none hides in a subgraph."""
+    known = set(onnx.TensorProto.DataType.values())
+    for value in list(graph.graph.input) + list(graph.graph.output):
+        kind = value.type.WhichOneof("value")
+        if kind == "tensor_type" and value.type.tensor_type.elem_type not in known:
+            fail("graph.onnx", f"graph input/output '{value.name}' has element type {value.type.tensor_type.elem_type}, not an ONNX tensor type")
     referenced: list[int] = []
     for node in graph.graph.node:
         if node.domain != CUSTOM_DOMAIN:
