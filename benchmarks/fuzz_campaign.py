@@ -63,8 +63,8 @@ def main() -> int:
         total = sum(counts.values())
         print(f"{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}: {total:,} examples in {seconds:.0f} s ({jobs} job(s))")
         for outcome, count in sorted(counts.items()):
-            print(f"  {outcome:<24} {count:>9,}")
-        print(f"  {'anything else (failure)':<24} {len(problems):>9,}")
+            print(f"  {outcome:<34} {count:>9,}")
+        print(f"  {'anything else (failure)':<34} {len(problems):>9,}")
         for problem in problems:
             print("    " + problem.replace("\n", "\n    "))
         failed |= bool(problems)
