@@ -142,6 +142,8 @@ class ProgrammedLayer:
 
     def forward(self, rows: np.ndarray, add_bias: bool = True) -> np.ndarray:
         """Outputs [P, N] in the rows' precision (float32 like ONNX Runtime, or float64)."""
+        if rows.shape[-1] != self.layer.rows_in:  # what the graph feeds must fit the crossbar rows
+            raise XCompileError(f"layer '{self.layer.name}': input vectors have {rows.shape[-1]} values, the layer's crossbars take {self.layer.rows_in}")
         rows = self.layer.order_inputs(rows)  # sorted weight sections: inputs in crossbar row order
         if self.ideal:
             y = self.layer.restore_order(self._collapsed(rows))

@@ -2,9 +2,9 @@
 
 An uncompressed zip of: `manifest.json` (options, hardware, passes, layers, tiles, placement
 graph, the SHA-256 of every other member), `model.onnx` (the original model), `graph.onnx` (the
-runtime graph), `arrays/*.npy` (weights, levels, tiles; loaded with allow_pickle=False) and
-`manifest.sha256` (the digest of the manifest). Written to a temporary file and renamed into
-place, so the target is complete or absent.
+runtime graph), `arrays/*.npy` (cell levels, tiles, orders; never pickled) and `manifest.sha256`
+(the digest of the manifest). Written to a temporary file and renamed into place, so the target
+is complete or absent; loading validates every member (xcompile/validate.py).
 """
 
 from __future__ import annotations
@@ -20,21 +20,18 @@ from typing import Any
 
 import networkx as nx
 import numpy as np
-import onnx
 
 from xcompile.config import CompileOptions, Hardware
 from xcompile.errors import XCompileError
 from xcompile.fileio import atomic_output
-from xcompile.ir import Encoding, Layer, PassRecord, Program, Tiling, frozen_array
-from xcompile.reprogramming import Schedule
+from xcompile import validate
+from xcompile.ir import Layer, Program
+from xcompile.validate import ENCODING_ARRAYS as _ENCODING_ARRAYS, MANIFEST, MANIFEST_DIGEST, SCHEDULE_PREFIX
+from xcompile.validate import TILING_ARRAYS as _TILING_ARRAYS
 
 FORMAT = "xcompile-mapping"
-FORMAT_VERSION = 1
-MANIFEST, MANIFEST_DIGEST = "manifest.json", "manifest.sha256"
-_LAYER_ARRAYS = ("weight", "bias", "weight_q", "levels", "output_order", "input_order", "stale_cells", "stale_levels", "channel_scale")
-SCHEDULE_PREFIX = "arrays/schedule/"
-_TILING_ARRAYS = ("grid", "row_range", "out_range", "crossbar")
-_ENCODING_ARRAYS = ("term_offset", "term_step", "term_coeff")
+FORMAT_VERSION = 2  # 2: weights derived from the levels, not stored; validated on load
+_LAYER_ARRAYS = ("bias", "levels", "output_order", "input_order", "stale_cells", "stale_levels")
 
 
 class Mapping:
@@ -104,49 +101,50 @@ def save(program: Program, path: str | os.PathLike) -> Path:
 
 
 def load(path: str | os.PathLike) -> Mapping:
+    """Read and validate a mapping (xcompile/validate.py): refused with one line unless every
+    member passes, before anything in it runs."""
     source = Path(path)
     where = f"mapping '{source}'"
     if not source.is_file():
         raise XCompileError(f"{where} does not exist" if not source.exists() else f"{where} is not a file")
     try:
         with zipfile.ZipFile(source) as archive:
+            validate.check_container(archive, source.stat().st_size)
             names = set(archive.namelist())
             if MANIFEST not in names or MANIFEST_DIGEST not in names:
                 raise XCompileError(f"{where} is not an xcompile mapping (no manifest)")
             manifest_bytes = archive.read(MANIFEST)
             if hashlib.sha256(manifest_bytes).hexdigest() != archive.read(MANIFEST_DIGEST).decode(errors="replace").strip():
                 raise XCompileError(f"{where} is corrupt: the manifest does not match its digest")
-            manifest = json.loads(manifest_bytes)
+            manifest = validate.parse_manifest(manifest_bytes)
             _check_format(manifest, where)
+            validate.check_manifest_keys(manifest)
             blobs = {}
-            for name, digest in manifest["members"].items():
-                if name not in names:
-                    raise XCompileError(f"{where} is corrupt: member '{name}' is missing")
+            for name, digest in validate.expected_members(manifest, names).items():
                 data = archive.read(name)
                 if hashlib.sha256(data).hexdigest() != digest:
                     raise XCompileError(f"{where} is corrupt: member '{name}' does not match its digest")
                 blobs[name] = data
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return Mapping(validate.build_program(manifest, blobs))
+    except validate.Invalid as exc:
+        raise XCompileError(f"{where} is invalid: {exc}") from None
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, NotImplementedError, RuntimeError) as exc:
         raise XCompileError(f"{where} is not a readable xcompile mapping (truncated or damaged): {exc}") from None
-    except (KeyError, TypeError, ValueError) as exc:
-        raise XCompileError(f"{where} is not a readable xcompile mapping: {exc}") from None
-    try:
-        return Mapping(_program_from(manifest, blobs))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise XCompileError(f"{where} has an unreadable manifest: {exc}") from None
 
 
 def _check_format(manifest: Any, where: str) -> None:
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    if manifest.get("format") != FORMAT:
         raise XCompileError(f"{where} is not an xcompile mapping")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
         raise XCompileError(
-            f"{where} has format version {version}; this xcompile ({_version()}) reads version {FORMAT_VERSION}: recompile the model"
+            f"{where} has format version {version!r}; this xcompile ({_version()}) reads version {FORMAT_VERSION}: recompile the model"
         )
 
 
 def _layer_to_manifest(layer: Layer) -> tuple[dict, dict[str, np.ndarray]]:
+    """A layer's manifest entry and arrays. Its weights are not stored: the loader derives them
+    from the cell levels, so what a loaded mapping shows is what its cells compute."""
     meta = {
         "index": layer.index,
         "name": layer.name,
@@ -154,6 +152,7 @@ def _layer_to_manifest(layer: Layer) -> tuple[dict, dict[str, np.ndarray]]:
         "op_type": layer.op_type,
         "kind": layer.kind,
         "geometry": layer.geometry,
+        "weight_shape": list(layer.weight.shape),
         "input_name": layer.input_name,
         "output_name": layer.output_name,
         "scale": layer.scale,
@@ -162,8 +161,6 @@ def _layer_to_manifest(layer: Layer) -> tuple[dict, dict[str, np.ndarray]]:
         "tiling": None,
     }
     arrays = {name: getattr(layer, name) for name in _LAYER_ARRAYS if getattr(layer, name) is not None}
-    if "weight_q" in arrays:
-        arrays["weight_q"] = _compact_ints(arrays["weight_q"])
     if layer.encoding is not None:
         enc = layer.encoding
         meta["encoding"] = {"name": enc.name, "columns_per_output": enc.columns_per_output, "shared_columns": enc.shared_columns}
@@ -174,90 +171,10 @@ def _layer_to_manifest(layer: Layer) -> tuple[dict, dict[str, np.ndarray]]:
     return meta, arrays
 
 
-def _program_from(manifest: dict, blobs: dict[str, bytes]) -> Program:
-    layers = []
-    for meta in manifest["layers"]:
-        prefix = f"arrays/{meta['index']}/"
-        arrays = {
-            name[len(prefix) : -len(".npy")]: _array(blobs[name]) for name in blobs if name.startswith(prefix)
-        }
-        encoding = tiling = None
-        if meta["encoding"] is not None:
-            encoding = Encoding(**meta["encoding"], **{n: arrays[f"encoding.{n}"] for n in _ENCODING_ARRAYS})
-        if meta["tiling"] is not None:
-            tiling = Tiling(**meta["tiling"], **{n: arrays[f"tiling.{n}"] for n in _TILING_ARRAYS})
-        weight_q = arrays.get("weight_q")
-        layers.append(
-            Layer(
-                index=meta["index"],
-                name=meta["name"],
-                node_name=meta["node_name"],
-                op_type=meta["op_type"],
-                kind=meta["kind"],
-                geometry=meta["geometry"],
-                weight=arrays["weight"],
-                bias=arrays.get("bias"),
-                input_name=meta["input_name"],
-                output_name=meta["output_name"],
-                scale=meta["scale"],
-                weight_q=None if weight_q is None else frozen_array(weight_q, np.int32),
-                encoding=encoding,
-                tiling=tiling,
-                levels=arrays.get("levels"),
-                notes=meta["notes"],
-                output_order=arrays.get("output_order"),
-                input_order=arrays.get("input_order"),
-                stale_cells=arrays.get("stale_cells"),
-                stale_levels=arrays.get("stale_levels"),
-                channel_scale=_channel_scale(arrays.get("channel_scale"), arrays["weight"], meta["name"]),
-            )
-        )
-    placement = manifest["placement"]
-    return Program(
-        model=blobs["model.onnx"],
-        graph=onnx.load_model_from_string(blobs["graph.onnx"]),
-        layers=tuple(layers),
-        options=CompileOptions(**manifest["options"]),
-        hardware=Hardware(**manifest["hardware"]),
-        history=tuple(PassRecord(**record) for record in manifest["passes"]),
-        placement=None if placement is None else nx.node_link_graph(placement, edges="edges"),
-        digital_nodes=tuple(manifest["digital_nodes"]),
-        schedule=_schedule_from(manifest.get("schedule"), blobs),
-    )
-
-
-def _channel_scale(array: np.ndarray | None, weight: np.ndarray, layer: str) -> np.ndarray | None:
-    """Per-output weight steps: [groups * Ng] finite and positive, or absent."""
-    if array is None:
-        return None
-    outputs = int(weight.shape[0] * weight.shape[2]) if weight.ndim == 3 else -1
-    if array.shape != (outputs,) or not np.issubdtype(array.dtype, np.floating) or not (np.isfinite(array).all() and (array > 0).all()):
-        raise ValueError(f"layer '{layer}': channel_scale must be {outputs} finite positive floats, got {array.dtype} {list(array.shape)}")
-    return array
-
-
-def _schedule_from(meta: dict | None, blobs: dict[str, bytes]) -> Schedule | None:
-    if meta is None:
-        return None
-    arrays = {name[len(SCHEDULE_PREFIX) : -len(".npy")]: _array(data) for name, data in blobs.items() if name.startswith(SCHEDULE_PREFIX)}
-    return Schedule.from_manifest(meta, arrays)
-
-
 def _npy(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.lib.format.write_array(buffer, np.ascontiguousarray(array), allow_pickle=False)
     return buffer.getvalue()
-
-
-def _array(data: bytes) -> np.ndarray:
-    array = np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
-    array.flags.writeable = False
-    return array
-
-
-def _compact_ints(array: np.ndarray) -> np.ndarray:
-    largest = int(np.abs(array).max(initial=0))
-    return array.astype(np.int8 if largest < 128 else np.int16 if largest < 32768 else np.int32)
 
 
 def _version() -> str:
