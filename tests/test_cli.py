@@ -144,8 +144,17 @@ def _truncated(path):
         ("cnn", ["--encoding", "quaternary"], "encoding"),
         ("cnn", ["--hardware", "HW"], "colums"),
         ("cnn", ["--hardware", "missing.toml"], "does not exist"),
+        ("cnn", ["--hardware", "."], "not a file"),
+        ("cnn", ["--hardware", "BADTOML"], "not valid TOML"),
+        ("cnn", ["--cols", "2", "--cell-bits", "4"], "needs 4 columns"),
+        ("cnn", ["--cols", "3", "--encoding", "offset", "--cell-bits", "1"], "needs 16 columns"),
+        ("cnn", ["--cols", "2", "--encoding", "acm", "--cell-bits", "4"], "needs 4 columns"),
+        ("cnn", ["--rows", "65536", "--cols", "65536"], "GiB limit"),
+        ("cnn", ["--no-such-flag"], "--no-such-flag"),
+        (lambda p: onnx.save(model([helper.make_node("Relu", ["x"], ["y"])], [tensor("x", [1, 4])], [tensor("y", [1, 4])]), p), [], "nothing to map"),
     ],
-    ids=["missing", "text-file", "truncated", "dynamic-weight", "channel-mismatch", "rows-0", "bits-0", "cell-over-weight", "encoding", "hardware-key", "hardware-missing"],
+    ids=["missing", "text-file", "truncated", "dynamic-weight", "channel-mismatch", "rows-0", "bits-0", "cell-over-weight", "encoding", "hardware-key", "hardware-missing",
+         "hardware-dir", "hardware-bad-toml", "narrow-dual", "narrow-offset", "narrow-acm", "absurd-size", "unknown-flag", "no-weights"],
 )
 def test_bad_compile_input_is_one_clear_line_exit_2_and_no_output(tmp_path, cnn_path, make, args, message):
     source = tmp_path / "model.onnx"
@@ -155,7 +164,9 @@ def test_bad_compile_input_is_one_clear_line_exit_2_and_no_output(tmp_path, cnn_
         make(source)
     hw = tmp_path / "hw.toml"
     hw.write_text("[hardware]\nrows = 64\ncolums = 64\n")
-    args = [str(hw) if a == "HW" else str(tmp_path / a) if a.endswith(".toml") else a for a in args]
+    (tmp_path / "bad.toml").write_bytes(b"rows = [1,\xff")
+    subst = {"HW": str(hw), "BADTOML": str(tmp_path / "bad.toml"), ".": str(tmp_path)}
+    args = [subst[a] if a in subst else str(tmp_path / a) if a.endswith(".toml") else a for a in args]
     out = tmp_path / "out.bin"
     result = subprocess.run(
         [sys.executable, "-m", "xcompile.cli", str(source), "-o", str(out), *args], capture_output=True, text=True
@@ -201,3 +212,99 @@ def test_bad_run_and_inspect_input(tmp_path, compiled, args, message, capsys):
 def test_python_api_rejects_unknown_options():
     with pytest.raises(xcompile.XCompileError, match="crossbar_size"):
         xcompile.compile_model(small_cnn(), crossbar_size=64)
+
+
+def test_a_bug_is_one_line_asking_for_a_report_exit_1(compiled, monkeypatch, capsys):
+    import xcompile.cli as cli
+
+    def broken(args):
+        raise KeyError("layer")
+
+    monkeypatch.setattr(cli, "_inspect", broken)
+    assert main(["inspect", str(compiled)]) == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and "internal error: KeyError" in lines[0] and "please report" in lines[0] and "--debug" in lines[0]
+    assert main(["--debug", "inspect", str(compiled)]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "in broken" in err and err.splitlines()[-1].startswith("xcompile: internal error")
+
+
+def test_debug_flag_after_the_command_and_with_the_compile_shorthand(cnn_path, tmp_path, capsys):
+    assert main([str(cnn_path), "-o", str(tmp_path / "m.bin"), "--cols", "2", "--cell-bits", "4", "--debug"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.splitlines()[-1].startswith("xcompile: error: a crossbar of 2 columns")
+
+
+# A save interrupted by a signal: the process signals itself from inside the zip writer, so the
+# signal lands mid-save every time; then the folder must hold nothing but the model.
+_SIGNAL_MID_SAVE = """
+import os, signal, sys, zipfile
+from xcompile.cli import main
+write = zipfile.ZipFile.writestr
+def interrupted(self, *args, **kwargs):
+    write(self, *args, **kwargs)
+    os.kill(os.getpid(), getattr(signal, sys.argv[1]))
+zipfile.ZipFile.writestr = interrupted
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("signal_name, code, message", [("SIGTERM", 143, "terminated"), ("SIGINT", 130, "interrupted")])
+def test_a_signal_mid_save_exits_cleanly_and_leaves_no_partial_file(cnn_path, tmp_path, signal_name, code, message):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    result = subprocess.run(
+        [sys.executable, "-c", _SIGNAL_MID_SAVE, signal_name, str(cnn_path), "-o", str(folder / "m.bin"), "-q"],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == code, result.stderr
+    assert result.stderr.strip() == f"xcompile: {message}"
+    assert list(folder.iterdir()) == []
+
+
+def test_sigterm_during_a_real_compile_leaves_no_partial_file(tmp_path):
+    """SIGTERM from outside, once the output's temporary file exists (a model big enough to take
+    a moment to write): exit 143 and nothing left in the folder."""
+    import signal
+    import time
+
+    from builders import dense
+
+    onnx.save(dense(2000, 2000), tmp_path / "big.onnx")
+    folder = tmp_path / "out"
+    folder.mkdir()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "xcompile.cli", str(tmp_path / "big.onnx"), "-o", str(folder / "m.bin"), "-q", "--rows", "64", "--cols", "64"],
+        stderr=subprocess.PIPE, text=True,
+    )
+    while process.poll() is None and not list(folder.iterdir()):
+        time.sleep(0.002)
+    process.send_signal(signal.SIGTERM)
+    err = process.communicate(timeout=120)[1]
+    seen_partial = process.returncode == 143
+    assert process.returncode in (0, 143), err  # 0 only if the save finished before the signal
+    assert [p.name for p in folder.iterdir()] == ([] if seen_partial else ["m.bin"])
+    if seen_partial:
+        assert err.strip() == "xcompile: terminated"
+
+
+def test_disk_full_during_save_is_one_line_naming_the_file(cnn_path, tmp_path):
+    """A file-size limit makes the kernel refuse writes past 8 kB, as a full disk would."""
+    import resource
+    import signal
+
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 13, 1 << 13))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing
+
+    folder = tmp_path / "out"
+    folder.mkdir()
+    out = folder / "m.bin"
+    result = subprocess.run(
+        [sys.executable, "-m", "xcompile.cli", str(cnn_path), "-o", str(out), "-q", "--rows", "16", "--cols", "16"],
+        capture_output=True, text=True, preexec_fn=limit_file_size,
+    )
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"xcompile: error: cannot write '{out}'"), result.stderr
+    assert list(folder.iterdir()) == []

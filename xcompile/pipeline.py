@@ -23,11 +23,14 @@ PIPELINE = (quantize, remap, encode, tile, assign, schedule)
 
 
 def compile_model(
-    source: str | os.PathLike | onnx.ModelProto, *, progress: bool | None = None, calibration=None, **options: Any
+    source: str | os.PathLike | onnx.ModelProto, *, progress: bool | None = None, calibration=None,
+    allow_empty: bool = False, **options: Any
 ) -> Mapping:
     """Compile an ONNX model (path or ModelProto) for crossbars; options as in `xcompile --help`.
 
     progress: show a progress bar (None: only when stderr is a terminal).
+    allow_empty: compile a model with no weights to map (it then runs on ONNX Runtime alone);
+    without it such a model is an error, as it is usually the wrong file.
     calibration: data the data-driven passes measure the model on (remap='dynamic', or
     sensitivity='taylor' / 'perturbation'): 'digits', an .npz with x (and labels y), (x, y) or x.
     """
@@ -38,6 +41,11 @@ def compile_model(
     data = Calibration.load(calibration) if compile_options.needs_calibration else None
     model = load_model(source)
     graph, layers, digital = extract_layers(model)
+    if not layers and not allow_empty:
+        raise XCompileError(
+            "the model has nothing to map onto crossbars (no Gemm, MatMul, Conv or ConvTranspose with constant "
+            "weights); allow_empty=True (--allow-empty) compiles it for ONNX Runtime alone"
+        )
     program = Program(
         model=model.SerializeToString(),
         graph=graph,
