@@ -16,9 +16,9 @@ import onnx
 import onnx.version_converter
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
-from google.protobuf.message import DecodeError
 from onnxscript.optimizer import fold_constants
 
+from xcompile import checks
 from xcompile.errors import XCompileError
 from xcompile.ir import CUSTOM_DOMAIN, MVM_OP, Layer, frozen_array
 
@@ -28,9 +28,10 @@ _NO_LIMIT = 1 << 62
 
 
 def load_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
-    """Read and check an ONNX model (external data resolved next to the file)."""
+    """Read and check an ONNX model (external data read from beside the file: xcompile/checks.py)."""
     if isinstance(source, onnx.ModelProto):
         model, where = source, "the model"
+        checks.refuse_external_data(model, where)
     else:
         path = Path(source)
         where = f"'{path}'"
@@ -38,14 +39,10 @@ def load_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
             raise XCompileError(f"model file {where} does not exist")
         if path.is_dir():
             raise XCompileError(f"model file {where} is a directory, expected an .onnx file")
-        try:
-            model = onnx.load(str(path))
-        except (DecodeError, RuntimeError, ValueError, OSError) as exc:
-            raise XCompileError(f"{where} is not a readable ONNX model: {_first_line(exc)}") from None
-        except Exception as exc:  # protobuf raises several unrelated types on garbage
-            raise XCompileError(f"{where} is not a readable ONNX model: {_first_line(exc)}") from None
+        model = checks.read_model(path, where)
     if not model.HasField("graph") or model.ir_version < 3:
         raise XCompileError(f"{where} is not an ONNX model (no graph or IR version {model.ir_version})")
+    model = checks.with_output_types(model)
     try:
         onnx.checker.check_model(model)
     except (onnx.checker.ValidationError, ValueError) as exc:
@@ -82,6 +79,7 @@ def extract_layers(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Layer]
         should_fold=lambda node: True if node in weight_makers else None,
     )
     _fold_with_onnxruntime(model_ir)
+    checks.check_finite_weights(model_ir.graph)
 
     graph = model_ir.graph
     layers: list[Layer] = []
