@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -214,16 +215,25 @@ class _LayerRunner:
         layer, geometry = self.layer, self.layer.geometry
         x = np.asarray(x)
         dtype = x.dtype if np.issubdtype(x.dtype, np.floating) else np.float32
+        where = f"node '{layer.node_name or layer.name}' ({layer.op_type})"
+        if x.ndim < (3 if layer.kind != "dense" else 1):
+            raise XCompileError(f"{where}: its input has shape {list(x.shape)}, too few dimensions")
         if layer.kind == "dense":
             rows, info = digital.dense_input(x, geometry)
+            self._check_width(rows, where, x)
             self._record(rows)
             y = digital.dense_output(self._forward(rows), info, geometry)
         elif layer.kind == "conv":
-            rows, out_shape = digital.im2col(x, geometry)
+            try:
+                rows, out_shape = digital.im2col(x, geometry)
+            except ValueError as exc:  # a kernel larger than the padded input
+                raise XCompileError(f"{where}: input of shape {list(x.shape)}: {exc}") from None
+            self._check_width(rows, where, x)
             self._record(rows)
             y = digital.conv_output(self._forward(rows), x.shape[0], out_shape)
         else:
             rows = np.moveaxis(x, 1, -1).reshape(-1, x.shape[1])
+            self._check_width(rows, where, x)
             self._record(rows)
             cols = self._forward(rows, add_bias=False)
             y = digital.col2im(cols, x.shape[0], x.shape[2:], geometry, geometry["channels_out"])
@@ -231,6 +241,15 @@ class _LayerRunner:
                 y = y + layer.bias.reshape((1, -1) + (1,) * geometry["rank"])
         return np.ascontiguousarray(y, dtype=dtype)
 
+
+    def _check_width(self, rows: np.ndarray, where: str, x: np.ndarray) -> None:
+        """Input vectors must be as long as the weights have rows (a shape ONNX could not check
+        before run time, e.g. after Flatten with axis 0 on a batch)."""
+        if rows.shape[1] != self.layer.rows_in:
+            raise XCompileError(
+                f"{where}: its input of shape {list(x.shape)} gives vectors of {rows.shape[1]} values, "
+                f"the weights take {self.layer.rows_in}"
+            )
 
     def _record(self, rows: np.ndarray) -> None:
         if self.recorder is not None:
@@ -272,8 +291,21 @@ class _Segment:
         key = tuple((type(v).__name__, getattr(v, "dtype", None), getattr(v, "ndim", None)) for v in values)
         session = self._sessions.get(key)
         if session is None:
-            session = self._sessions[key] = self._build(values)
-        return session.run(self.outputs, dict(zip(self.inputs, values)), run_options)
+            try:
+                session = self._build(values)
+            except XCompileError:
+                raise
+            except Exception as exc:  # ONNX Runtime's own exception types
+                raise XCompileError(f"ONNX Runtime cannot load the digital ops {self._ops()}: {_ort_message(exc)}") from None
+            self._sessions[key] = session
+        try:
+            return session.run(self.outputs, dict(zip(self.inputs, values)), run_options)
+        except Exception as exc:  # ONNX Runtime's own exception types
+            raise XCompileError(f"ONNX Runtime failed {_ort_message(exc)}") from None
+
+    def _ops(self) -> str:
+        names = [f"'{n.name}' ({n.op_type})" if n.name else n.op_type for n in self._nodes[:3]]
+        return ", ".join(names) + (f" and {len(self._nodes) - 3} more" if len(self._nodes) > 3 else "")
 
     def _build(self, values: list) -> ort.InferenceSession:
         graph = self._model.graph
@@ -287,7 +319,7 @@ class _Segment:
         model = helper.make_model(sub, opset_imports=opsets, ir_version=self._model.ir_version)
         model.functions.extend(self._model.functions)
         options = ort.SessionOptions()
-        options.log_severity_level = 3
+        options.log_severity_level = 4  # its errors are raised as XCompileError, not logged as well
         # ORT's pool would otherwise spin after each segment and fight the crossbar kernels' cores
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
@@ -299,6 +331,19 @@ class _Segment:
         if name in self._types:
             return helper.make_value_info(name, self._types[name])
         raise XCompileError(f"cannot pass value '{name}' of type {type(value).__name__} between runtime segments")
+
+
+def _ort_message(exc: Exception) -> str:
+    """ONNX Runtime's error on one line, without its status prefix and source locations:
+    'running node 'NAME' (OP): what went wrong' when it names the node."""
+    text = " ".join(str(exc).split())
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+    text = re.sub(r"/onnxruntime_src/\S+ [^\n]*?\) ", "", text)
+    found = re.match(r"Non-zero status code returned while running (\w+) node\. Name:'([^']*)' Status Message: (.*)", text)
+    if found:
+        op, name, message = found.groups()
+        text = f"running node '{name}' ({op}): {message}"
+    return text[:500]
 
 
 def _runtime_hardware(program: Program, hardware, options: dict) -> Hardware:

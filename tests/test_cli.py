@@ -308,3 +308,74 @@ def test_disk_full_during_save_is_one_line_naming_the_file(cnn_path, tmp_path):
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"xcompile: error: cannot write '{out}'"), result.stderr
     assert list(folder.iterdir()) == []
+
+
+def _dense_graph(nodes, inputs, outputs, k=8, n=4, extra=(), opset=17):
+    w = numpy_helper.from_array(np.random.default_rng(0).normal(size=(k, n)).astype(np.float32), "w")
+    return model(nodes, inputs, outputs, [w, *extra], opset=opset)
+
+
+def _opset_99():
+    return _dense_graph([helper.make_node("Gemm", ["x", "w"], ["y"], name="fc")], [tensor("x", ["N", 8])], [tensor("y", ["N", 4])], opset=99)
+
+
+def _custom_op():
+    nodes = [helper.make_node("Gemm", ["x", "w"], ["h"], name="fc"), helper.make_node("Bar", ["h"], ["y"], domain="com.foo", name="bar")]
+    m = _dense_graph(nodes, [tensor("x", ["N", 8])], [tensor("y", ["N", 4])])
+    m.opset_import.append(helper.make_opsetid("com.foo", 1))
+    return m
+
+
+def _gemm_bias_7_for_4_outputs():
+    b = numpy_helper.from_array(np.ones(7, np.float32), "b")
+    return _dense_graph([helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="fc")], [tensor("x", ["N", 8])], [tensor("y", ["N", 4])], extra=[b])
+
+
+def _flatten_axis_0():
+    nodes = [helper.make_node("Flatten", ["x"], ["f"], axis=0), helper.make_node("Gemm", ["f", "w"], ["y"], name="fc")]
+    return _dense_graph(nodes, [tensor("x", ["N", 8])], [tensor("y", [1, 4])])
+
+
+def _kernel_over_input():
+    w = numpy_helper.from_array(np.ones((2, 1, 5, 5), np.float32), "w")
+    return model([helper.make_node("Conv", ["x", "w"], ["y"], name="conv")], [tensor("x", ["N", 1, 3, 3])], [tensor("y", ["N", 2, None, None])], [w])
+
+
+def _k_zero():
+    w = numpy_helper.from_array(np.zeros((0, 4), np.float32), "w")
+    return model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], [tensor("x", ["N", 0])], [tensor("y", ["N", 4])], [w])
+
+
+def _reshape_at_run_time():
+    s = numpy_helper.from_array(np.array([3, -1], np.int64), "s")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"), helper.make_node("Reshape", ["h", "s"], ["y"], name="reshape")]
+    return _dense_graph(nodes, [tensor("x", ["N", 8])], [tensor("y", [3, None])], extra=[s])
+
+
+@pytest.mark.parametrize(
+    "make, batch, stage, message",
+    [
+        (_opset_99, (2, 8), "compile", "opset 99"),
+        (_custom_op, (2, 8), "compile", "node 'bar' uses operator 'Bar' of domain 'com.foo'"),
+        (_gemm_bias_7_for_4_outputs, (2, 8), "compile", "node 'fc' (Gemm): the bias C has shape [7]"),
+        (_flatten_axis_0, (2, 8), "run", "node 'fc' (Gemm): its input of shape [1, 16] gives vectors of 16 values, the weights take 8"),
+        (_kernel_over_input, (2, 1, 3, 3), "compile", "node 'conv' (Conv): the kernel spans [5, 5], more than the padded input [3, 3]"),
+        (_k_zero, (2, 0), "compile", "node 'mm' (MatMul): the weight is empty"),
+        (_reshape_at_run_time, (2, 8), "run", "ONNX Runtime failed running node 'reshape' (Reshape)"),
+    ],
+    ids=["opset-99", "custom-op", "gemm-bias", "flatten-axis-0", "kernel-over-input", "k-0", "reshape"],
+)
+def test_models_onnxruntime_refuses_are_one_line_exit_2_at_compile_or_run(tmp_path, make, batch, stage, message):
+    m = make()
+    onnx.save(m, tmp_path / "m.onnx")
+    np.save(tmp_path / "x.npy", np.ones(batch, np.float32))
+    if make is not _k_zero:  # ONNX Runtime refuses these too, at load or at run (K = 0 it runs to zeros)
+        with pytest.raises(Exception):
+            ort.InferenceSession(m.SerializeToString()).run(None, {"x": np.ones(batch, np.float32)})
+    commands = {"compile": [str(tmp_path / "m.onnx"), "-o", str(tmp_path / "m.bin"), "-q"], "run": ["run", str(tmp_path / "m.bin"), "-i", str(tmp_path / "x.npy")]}
+    if stage == "run":
+        xcompile.compile_model(m, progress=False).save(tmp_path / "m.bin")
+    result = subprocess.run([sys.executable, "-m", "xcompile.cli", *commands[stage]], capture_output=True, text=True)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [result.stderr.strip()] and result.stderr.startswith("xcompile: error:")
+    assert message in result.stderr, result.stderr

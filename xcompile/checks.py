@@ -4,7 +4,8 @@ An ONNX file is untrusted: its size is capped before it is read, its external da
 from files inside the model's own folder (never through `..`, an absolute path or a symlink out
 of it, and never more bytes than the tensor's shape declares), and a ModelProto given in memory
 must carry its data (external references in it would resolve against the working directory).
-Weights a crossbar holds must be finite.
+Weights a crossbar holds must be finite and there must be some; operators and shapes ONNX
+Runtime would refuse only when the model runs are refused at compile where they can be seen.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from xcompile.errors import XCompileError
 
 MAX_MODEL_BYTES = (2 << 30) - 1  # protobuf's own limit for one message: larger weights go to external data
 MVM_OPS = ("Gemm", "MatMul", "Conv", "ConvTranspose")
+ONNX_DOMAINS = ("", "ai.onnx", "ai.onnx.ml", "ai.onnx.preview.training")
 _NIBBLE_TYPES = {onnx.TensorProto.INT4, onnx.TensorProto.UINT4, getattr(onnx.TensorProto, "FLOAT4E2M1", -1)}
 
 
@@ -76,6 +78,65 @@ def with_output_types(model: onnx.ModelProto) -> onnx.ModelProto:
         if not output.HasField("type") and output.name in types:
             output.type.CopyFrom(types[output.name])
     return model
+
+
+def check_operators(model: onnx.ModelProto, where: str) -> None:
+    """Every operator must be one ONNX Runtime can run: ONNX's own (at an opset this onnx knows),
+    ONNX Runtime's com.microsoft ones, or a function the model defines. Custom-op libraries are
+    not loaded, so their operators would fail only when run."""
+    newest = onnx.defs.onnx_opset_version()
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx") and opset.version > newest:
+            raise XCompileError(f"{where} imports ONNX opset {opset.version}; the newest this onnx knows is {newest}")
+    functions = {(f.domain, f.name) for f in model.functions}
+    for graph in _graphs(model.graph):
+        for node in graph.node:
+            domain = node.domain or ""
+            if (domain, node.op_type) in functions or domain == "com.microsoft":
+                continue
+            if domain in ONNX_DOMAINS and onnx.defs.has(node.op_type, domain):
+                continue
+            raise XCompileError(
+                f"{where}: node '{node.name}' uses operator '{node.op_type}' of domain '{domain or 'ai.onnx'}', which "
+                "neither ONNX nor ONNX Runtime defines (custom-op libraries are not loaded)"
+            )
+
+
+def check_gemm_bias(where: str, bias_shape: list | None, output_shape: tuple) -> None:
+    """Gemm's C must broadcast one way to Y [M, N] (None: a size not known before run time)."""
+    if bias_shape is None:
+        return
+    fits = len(bias_shape) <= 2 and all(
+        c is None or y is None or c in (1, y) for c, y in zip(reversed(bias_shape), reversed(output_shape))
+    )
+    if not fits:
+        shown = ["?" if d is None else d for d in output_shape]
+        raise XCompileError(f"{where}: the bias C has shape {list(bias_shape)}, which does not broadcast to the output's {shown}")
+
+
+def check_conv_window(where: str, geometry: dict, x_shape: list | None) -> None:
+    """Strides and dilations of at least 1, pads of at least 0, and, when the input's size is
+    known, a padded input at least as large as the kernel's span."""
+    for key, low in (("strides", 1), ("dilations", 1), ("pads", 0)):
+        if any(v < low for v in geometry[key]):
+            raise XCompileError(f"{where}: {key} {geometry[key]} must all be >= {low}")
+    if geometry["auto_pad"] not in ("NOTSET", "VALID") or x_shape is None or len(x_shape) != geometry["rank"] + 2:
+        return
+    rank, pads = geometry["rank"], geometry["pads"] if geometry["auto_pad"] == "NOTSET" else [0] * (2 * geometry["rank"])
+    sizes = x_shape[2:]
+    spans = [d * (k - 1) + 1 for k, d in zip(geometry["kernel"], geometry["dilations"])]
+    padded = [None if s is None else s + pads[i] + pads[i + rank] for i, s in enumerate(sizes)]
+    if any(p is not None and p < span for p, span in zip(padded, spans)):
+        raise XCompileError(f"{where}: the kernel spans {spans}, more than the padded input {['?' if p is None else p for p in padded]}")
+
+
+def check_layer_has_weights(layer) -> None:
+    """A Gemm / MatMul / Conv with no weights (K = 0 or N = 0) has nothing to put on a crossbar."""
+    if layer.weight.size == 0:
+        raise XCompileError(
+            f"node '{layer.node_name or layer.name}' ({layer.op_type}): the weight is empty "
+            f"({layer.rows_in} inputs x {layer.outputs} outputs); there is nothing to put on a crossbar"
+        )
 
 
 def check_finite_weights(graph: ir.Graph) -> None:

@@ -47,6 +47,7 @@ def load_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
         onnx.checker.check_model(model)
     except (onnx.checker.ValidationError, ValueError) as exc:
         raise XCompileError(f"{where} is not a valid ONNX model: {_first_line(exc)}") from None
+    checks.check_operators(model, where)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     if opset is None:
         raise XCompileError(f"{where} imports no default ONNX opset")
@@ -218,6 +219,10 @@ def _build_layer(node: ir.Node, index: int, name: str):
             bias = np.broadcast_to(cval.reshape(-1) * np.float32(beta), (n_out,)).astype(np.float32)
         else:
             digital_bias = (c, float(beta))
+            x_shape = _static_shape(x)
+            x_size = None if x_shape is None or len(x_shape) != 2 else x_shape[0 if geometry["transpose_input"] == geometry["weight_left"] else 1]
+            y_shape = (n_out, x_size) if geometry["weight_left"] else (x_size, n_out)
+            checks.check_gemm_bias(where, list(cval.shape) if cval is not None else _static_shape(c), y_shape)
     return _layer(index, name, node, "dense", geometry, weight[None].astype(np.float32), bias, x), digital_bias
 
 
@@ -255,6 +260,7 @@ def _conv_layer(node, where, weight, bias, x_shape):
     }
     if any(len(geometry[k]) != n for k, n in (("strides", rank), ("dilations", rank), ("pads", 2 * rank))):
         raise XCompileError(f"{where}: strides, dilations and pads must have {rank}, {rank} and {2 * rank} entries")
+    checks.check_conv_window(where, geometry, x_shape if node.op_type == "Conv" else None)
     kprod = int(np.prod(geometry["kernel"]))
     if node.op_type == "Conv":
         cout, cin_g = weight.shape[:2]

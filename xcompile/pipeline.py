@@ -12,6 +12,7 @@ import onnx
 from tqdm.auto import tqdm
 
 from xcompile.artifact import Mapping
+from xcompile.checks import check_layer_has_weights
 from xcompile.config import split_options
 from xcompile.frontend import extract_layers, load_model
 from xcompile.errors import XCompileError
@@ -41,6 +42,8 @@ def compile_model(
     data = Calibration.load(calibration) if compile_options.needs_calibration else None
     model = load_model(source)
     graph, layers, digital = extract_layers(model)
+    for layer in layers:
+        check_layer_has_weights(layer)
     if not layers and not allow_empty:
         raise XCompileError(
             "the model has nothing to map onto crossbars (no Gemm, MatMul, Conv or ConvTranspose with constant "
