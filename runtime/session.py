@@ -232,6 +232,9 @@ class _LayerRunner:
             self._record(rows)
             y = digital.conv_output(self._forward(rows), x.shape[0], out_shape)
         else:
+            out_shape = digital.conv_transpose_geometry(x.shape[2:], geometry)[1]
+            if any(d <= 0 for d in out_shape):
+                raise XCompileError(f"{where}: an input of shape {list(x.shape)} gives an output of spatial shape {out_shape}, sizes must be >= 1")
             rows = np.moveaxis(x, 1, -1).reshape(-1, x.shape[1])
             self._check_width(rows, where, x)
             self._record(rows)
@@ -239,7 +242,7 @@ class _LayerRunner:
             y = digital.col2im(cols, x.shape[0], x.shape[2:], geometry, geometry["channels_out"])
             if layer.bias is not None:
                 y = y + layer.bias.reshape((1, -1) + (1,) * geometry["rank"])
-        return np.ascontiguousarray(y, dtype=dtype)
+        return np.require(y, dtype, "C")  # ascontiguousarray would make a 0-d result 1-d
 
 
     def _check_width(self, rows: np.ndarray, where: str, x: np.ndarray) -> None:

@@ -102,25 +102,30 @@ def check_operators(model: onnx.ModelProto, where: str) -> None:
             )
 
 
-def check_gemm_bias(where: str, bias_shape: list | None, output_shape: tuple) -> None:
-    """Gemm's C must broadcast one way to Y [M, N] (None: a size not known before run time)."""
+def check_gemm_bias(where: str, bias_shape: list | None, output_shape: tuple) -> bool:
+    """Gemm's C must broadcast one way to Y [M, N] (None: a size not known before run time);
+    returns whether that is settled, False when it depends on sizes known only at run time."""
     if bias_shape is None:
-        return
+        return False
     fits = len(bias_shape) <= 2 and all(
         c is None or y is None or c in (1, y) for c, y in zip(reversed(bias_shape), reversed(output_shape))
     )
     if not fits:
         shown = ["?" if d is None else d for d in output_shape]
         raise XCompileError(f"{where}: the bias C has shape {list(bias_shape)}, which does not broadcast to the output's {shown}")
+    return all(c == 1 or y is not None for c, y in zip(reversed(bias_shape), reversed(output_shape)))
 
 
-def check_conv_window(where: str, geometry: dict, x_shape: list | None) -> None:
-    """Strides and dilations of at least 1, pads of at least 0, and, when the input's size is
-    known, a padded input at least as large as the kernel's span."""
+def check_conv_window(where: str, op_type: str, geometry: dict, x_shape: list | None) -> None:
+    """Strides and dilations of at least 1, pads of at least 0; for a Conv no dilation with SAME
+    padding (ONNX Runtime, the reference, refuses it) and, when the input's size is known, a
+    padded input at least as large as the kernel's span."""
     for key, low in (("strides", 1), ("dilations", 1), ("pads", 0)):
         if any(v < low for v in geometry[key]):
             raise XCompileError(f"{where}: {key} {geometry[key]} must all be >= {low}")
-    if geometry["auto_pad"] not in ("NOTSET", "VALID") or x_shape is None or len(x_shape) != geometry["rank"] + 2:
+    if op_type == "Conv" and geometry["auto_pad"].startswith("SAME") and any(d != 1 for d in geometry["dilations"]):
+        raise XCompileError(f"{where}: auto_pad {geometry['auto_pad']} with dilations {geometry['dilations']}: ONNX Runtime defines a Conv's SAME padding for dilation 1 only")
+    if op_type != "Conv" or geometry["auto_pad"] not in ("NOTSET", "VALID") or x_shape is None or len(x_shape) != geometry["rank"] + 2:
         return
     rank, pads = geometry["rank"], geometry["pads"] if geometry["auto_pad"] == "NOTSET" else [0] * (2 * geometry["rank"])
     sizes = x_shape[2:]
