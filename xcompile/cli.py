@@ -1,6 +1,6 @@
 """The `xcompile` command: compile (default), inspect, run.
 
-One boundary for every failure (docs/inspect.md, "Exit codes"): bad input is one line on stderr
+One boundary for every failure (docs/errors.md): bad input is one line on stderr
 and exit code 2; anything else is a bug, one line asking for a report and exit code 1 (the
 traceback with `--debug`); Ctrl-C exits 130 and SIGTERM 143, after the temporary files of an
 unfinished output are removed. Nothing is half-written.
