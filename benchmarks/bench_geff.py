@@ -14,12 +14,17 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import numba
 import numpy as np
 
-from xcompile.runtime.physics import effective_conductance, effective_conductance_reference
+from xcompile.runtime.physics import effective_conductance
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from nodal_reference import effective_conductance_reference  # noqa: E402 - the tests' reference solve
 
 R_SOURCE = R_SINK = 100.0
 

@@ -1,6 +1,6 @@
 """Line resistance: the exact effective conductance matrix of a crossbar with resistive wires.
 
-Conventions (DESIGN.md, binding): row i is driven by v_i at column 0's end through R_source;
+Conventions (docs/hardware.md, "The crossbar network"): row i is driven by v_i at column 0's end through R_source;
 word-line segments between neighbouring cells are r_wire; column j is sensed at row R-1's end
 into a virtual ground through R_sink; bit-line segments are r_wire; cell (i, j) joins word-line
 node a_ij and bit-line node b_ij with conductance G_ij; the output of column j is the current
@@ -59,7 +59,7 @@ BLAS_WORK = 20000  # eliminations of m nodes from k with m k^2 below this run as
 
 def effective_conductance(G, r_wire: float, r_source: float = 0.0, r_sink: float = 0.0) -> np.ndarray:
     """Exact R x C matrix G_eff (S) with I = v @ G_eff for the crossbar network above."""
-    G = _check(G, r_wire, r_source, r_sink)
+    G = check_network(G, r_wire, r_source, r_sink)
     if r_wire == 0:
         return _lumped(G, r_source, r_sink)
     rows, cols = G.shape
@@ -338,7 +338,7 @@ def _lumped(G: np.ndarray, r_source: float, r_sink: float) -> np.ndarray:
     return gk * np.linalg.solve(M, (drive[:, None] * G).T).T
 
 
-def _check(G, r_wire, r_source, r_sink) -> np.ndarray:
+def check_network(G, r_wire, r_source, r_sink) -> np.ndarray:
     G = np.asarray(G, dtype=np.float64)
     if G.ndim != 2 or 0 in G.shape:
         raise ValueError(f"G must be a non-empty 2-D array of conductances, got shape {list(G.shape)}")
@@ -348,51 +348,3 @@ def _check(G, r_wire, r_source, r_sink) -> np.ndarray:
         if not np.isfinite(value) or value < 0:
             raise ValueError(f"{name} must be a finite resistance >= 0 (ohms), got {value!r}")
     return G
-
-
-def nodal_system(G, r_wire: float, r_source: float, r_sink: float):
-    """The full 2*R*C nodal analysis (positive resistances): (sparse matrix, input map, output map).
-
-    Unknowns: word-line nodes a_ij at i*C + j, bit-line nodes b_ij at R*C + i*C + j. The system
-    matrix M, a map B (v -> right-hand side) and a map O (node voltages -> column currents) give
-    I = O @ solve(M, B @ v). The slow, obviously-right reference for tests and benchmarks.
-    """
-    import scipy.sparse as sp
-
-    G = _check(G, r_wire, r_source, r_sink)
-    if min(r_wire, r_source, r_sink) <= 0:
-        raise ValueError("the nodal reference needs positive resistances")
-    rows, cols = G.shape
-    n = rows * cols
-    gw, gs, gk = 1.0 / r_wire, 1.0 / r_source, 1.0 / r_sink
-    a = np.arange(n).reshape(rows, cols)
-    b = a + n
-    entries_i, entries_j, values = [], [], []
-
-    def conductance(p, q, g):  # a two-terminal conductance between node arrays p and q
-        entries_i.extend([p, q, p, q])
-        entries_j.extend([p, q, q, p])
-        values.extend([g, g, -g, -g])
-
-    conductance(a[:, :-1].ravel(), a[:, 1:].ravel(), np.full(rows * (cols - 1), gw))
-    conductance(b[:-1, :].ravel(), b[1:, :].ravel(), np.full((rows - 1) * cols, gw))
-    conductance(a.ravel(), b.ravel(), G.ravel())
-    diagonal = np.zeros(2 * n)
-    diagonal[a[:, 0]] += gs
-    diagonal[b[-1, :]] += gk
-    i = np.concatenate([np.concatenate(entries_i), np.arange(2 * n)])
-    j = np.concatenate([np.concatenate(entries_j), np.arange(2 * n)])
-    v = np.concatenate([np.concatenate(values), diagonal])
-    matrix = sp.csc_matrix((v, (i, j)), shape=(2 * n, 2 * n))
-    inputs = sp.csc_matrix((np.full(rows, gs), (a[:, 0], np.arange(rows))), shape=(2 * n, rows))
-    outputs = sp.csr_matrix((np.full(cols, gk), (np.arange(cols), b[-1, :])), shape=(cols, 2 * n))
-    return matrix, inputs, outputs
-
-
-def effective_conductance_reference(G, r_wire: float, r_source: float, r_sink: float) -> np.ndarray:
-    """G_eff by a sparse direct (SuperLU) solve of the full nodal system: slow, for checking."""
-    from scipy.sparse.linalg import splu
-
-    matrix, inputs, outputs = nodal_system(G, r_wire, r_source, r_sink)
-    voltages = splu(matrix).solve(inputs.toarray())
-    return np.asarray(outputs @ voltages).T

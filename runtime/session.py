@@ -23,6 +23,7 @@ from onnx import helper, numpy_helper
 from xcompile.config import Hardware, hardware_from
 from xcompile.errors import XCompileError
 from xcompile.ir import CUSTOM_DOMAIN, MVM_OP, Layer, Program
+from xcompile.runtime.fused import fused_model
 from xcompile.runtime import digital
 from xcompile.runtime.crossbar import ProgrammedLayer, read_energy
 
@@ -68,6 +69,7 @@ class Session:
         self._constants = {t.name: t for t in graph.initializer}
         self._last_use = _last_uses(self._steps, [o.name for o in graph.output])
         self._calibrated = not any(r.crossbar.needs_calibration for r in self._layers.values())
+        self._fused: ort.InferenceSession | None | bool = None if self.hardware.ideal else False  # built on first run
         if calibration is not None and not self._calibrated:
             self.calibrate(calibration)
 
@@ -78,6 +80,8 @@ class Session:
         if layer.index not in self._layers:
             raise XCompileError(f"layer index {layer.index} is not in this session's program")
         self._layers[layer.index] = _LayerRunner(layer, ProgrammedLayer(layer, self.hardware, self._level_max, self.seed))
+        if self._fused is not False:
+            self._fused = None  # rebuilt with the new layer's weights
         if calibration is not None and self._layers[layer.index].crossbar.needs_calibration:
             self.calibrate(calibration)
 
@@ -156,6 +160,9 @@ class Session:
         if unknown:
             raise XCompileError(f"unknown output name(s) {unknown}; the model has {[o.name for o in self._outputs]}")
         env = self._check_feeds(input_feed)
+        fused = self._fused_session()
+        if fused is not None:
+            return fused.run(names, env, run_options)
         for position, step in enumerate(self._steps):
             if isinstance(step, _Segment):
                 values = step.run([self._value(env, n) for n in step.inputs], run_options)
@@ -166,6 +173,21 @@ class Session:
                 if name not in names:
                     env.pop(name, None)
         return [self._value(env, n) for n in names]
+
+    def _fused_session(self) -> ort.InferenceSession | None:
+        """Ideal hardware: the whole model in one ONNX Runtime session (runtime/fused.py), unless a
+        layer is being traced or cannot be expressed; then the step-by-step path."""
+        if self._fused is False or any(r.recorder is not None or r.tap is not None for r in self._layers.values()):
+            return None
+        if self._fused is None:
+            layers = {i: (r.layer, r.crossbar.weights, r.crossbar.bias) for i, r in self._layers.items()}
+            model = fused_model(self.program.graph, layers)
+            try:
+                self._fused = False if model is None else ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+            except (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidGraph,
+                    ort.capi.onnxruntime_pybind11_state.InvalidArgument, ort.capi.onnxruntime_pybind11_state.NotImplemented):
+                self._fused = False  # e.g. a layer fed float64 or integers: the step path handles every type
+        return self._fused or None
 
     def _check_feeds(self, feeds: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(feeds, dict):

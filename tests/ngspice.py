@@ -12,7 +12,7 @@ import numpy as np
 
 
 def netlist(G: np.ndarray, r_wire: float, r_source: float, r_sink: float, v: np.ndarray) -> str:
-    """The DESIGN.md crossbar: sources at column 0 through r_source, sinks at the last row through
+    """The crossbar of docs/hardware.md: sources at column 0 through r_source, sinks at the last row through
     r_sink into 0 V ammeters, r_wire between neighbouring cells on both lines."""
     rows, cols = G.shape
     lines = ["* xcompile crossbar"]

@@ -8,7 +8,8 @@ import shutil
 import numpy as np
 import pytest
 
-from xcompile.runtime.physics import effective_conductance, effective_conductance_reference
+from xcompile.runtime.physics import effective_conductance
+from nodal_reference import effective_conductance_reference
 from ngspice import column_currents
 
 needs_ngspice = pytest.mark.skipif(

@@ -203,7 +203,8 @@ def test_trace_returns_each_layers_vectors_and_outputs():
     x = _calibration(4)
     session = xcompile.Session(xcompile.compile_model(model, progress=False, ideal=True))
     outputs, traces = session.trace({"x": x})
-    np.testing.assert_allclose(outputs[0], session.run(None, {"x": x})[0], rtol=1e-6)
+    fused = session.run(None, {"x": x})[0]  # ideal: one ONNX Runtime graph, float rounding apart from the traced steps
+    np.testing.assert_allclose(outputs[0], fused, rtol=1e-5, atol=1e-5 * np.abs(fused).max())
     for layer in session.program.layers:
         rows, y = traces[layer.index]
         assert rows.shape == (x.shape[0] * layer.notes["vectors_per_sample"], layer.rows_in)

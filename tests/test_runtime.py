@@ -189,3 +189,47 @@ def test_an_empty_batch_gives_an_empty_output_like_onnxruntime(cnn, batch, hardw
     expected = ort.InferenceSession(cnn.SerializeToString()).run(None, {"x": batch[:0]})[0]
     got = session.run(None, {"x": batch[:0]})[0]
     assert got.shape == expected.shape and got.dtype == expected.dtype
+
+
+def _fused_and_stepwise(mapping, feeds):
+    session = xcompile.Session(mapping)
+    fused = session.run(None, feeds)
+    assert session._fused, "ideal hardware runs as one ONNX Runtime graph"
+    session._fused = False  # the step-by-step path: one crossbar runner per MVM node
+    return fused, session.run(None, feeds)
+
+
+def _conv_zoo():
+    """Convolutions of every form the front end maps, plus a dense layer with its weight on the left."""
+    from onnx import helper, numpy_helper
+
+    from builders import model, tensor
+
+    rng = np.random.default_rng(3)
+    w = lambda *shape: rng.normal(size=shape).astype(np.float32)  # noqa: E731
+    inits = {"wg": w(8, 2, 3, 3), "bg": w(8), "wd": w(8, 1, 3, 3), "wt": w(8, 4, 2, 2), "bt": w(4), "wl": w(6, 4), "w1": w(4, 3, 3)}
+    inits["shape"] = np.array([0, 4, -1], np.int64)
+    nodes = [
+        helper.make_node("Conv", ["x", "wg", "bg"], ["g"], group=4, dilations=[2, 2], pads=[2, 1, 2, 1]),
+        helper.make_node("Conv", ["g", "wd"], ["d"], group=8, strides=[2, 1], auto_pad="SAME_UPPER"),
+        helper.make_node("ConvTranspose", ["d", "wt", "bt"], ["t"], strides=[2, 2], output_padding=[1, 0]),
+        helper.make_node("Reshape", ["t", "shape"], ["flat"]),
+        helper.make_node("MatMul", ["wl", "flat"], ["y"]),  # [6, 4] @ [N, 4, L]: the weight on the left
+        helper.make_node("Conv", ["x1", "w1"], ["y1"], pads=[1, 1]),
+    ]
+    graph_inits = [numpy_helper.from_array(v, k) for k, v in inits.items()]
+    return model(nodes, [tensor("x", ["N", 8, 9, 7]), tensor("x1", ["N", 3, 11])], [tensor("y", ["N", 6, "L"]), tensor("y1", ["N", 4, 11])], graph_inits)
+
+
+@pytest.mark.parametrize("options", [{"ideal": True}, {}, {"remap": "static", "rows": 16, "cols": 16}])
+def test_ideal_hardware_runs_as_one_graph_with_the_step_by_step_answer(options):
+    m = _conv_zoo()
+    rng = np.random.default_rng(0)
+    feeds = {"x": rng.normal(size=(2, 8, 9, 7)).astype(np.float32), "x1": rng.normal(size=(2, 3, 11)).astype(np.float32)}
+    fused, stepwise = _fused_and_stepwise(xcompile.compile_model(m, progress=False, **options), feeds)
+    expected = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    for f, s, e in zip(fused, stepwise, expected):
+        assert f.shape == s.shape == e.shape
+        assert _relative(f, s) <= 1e-5
+        if options.get("ideal"):
+            assert _relative(f, e) <= 1e-5

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -63,45 +64,22 @@ def evaluate(
 ) -> dict[str, Any]:
     """Float accuracy (ORT on the original model) vs crossbar accuracy over `trials` seeds.
 
-    Trial t runs with seed `seed + t`. Calibrated converter ranges come from `calibration`, else
-    the dataset's own calibration split, else its first 256 samples.
+    Trial t runs with seed `seed + t`; the float model runs once (FloatReference.measure says
+    where calibrated converter ranges come from).
     """
-    from xcompile.runtime.session import Session
-
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
         raise XCompileError(f"trials must be a whole number >= 1, got {trials!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise XCompileError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
-    x, y, calib = load_dataset(dataset)
-    calib = calibration if calibration is not None else calib if calib is not None else x[:CALIBRATION_SAMPLES]
-    reference = ort.InferenceSession(mapping.program.model, providers=["CPUExecutionProvider"])
-    inputs = reference.get_inputs()
-    if len(inputs) != 1:
-        raise XCompileError(f"eval needs a model with one input; this one has {[i.name for i in inputs]}")
-    name = inputs[0].name
-    _check_inputs(x, inputs[0], dataset)
-    x = x.astype(_input_dtype(inputs[0].type), copy=False)
-    float_logits = _batched(lambda b: reference.run(None, {name: b})[0], x, batch_size)
-    classes = float_logits.shape[-1]
-    if y.min() < 0 or y.max() >= classes:
-        raise XCompileError(f"dataset '{dataset}': labels run {y.min()}..{y.max()}, the model has {classes} classes")
-    float_accuracy = float((float_logits.argmax(-1) == y).mean())
-    rows = []
-    for t in tqdm(range(trials), desc="trials", unit="trial", disable=None if progress is None else not progress, leave=False):
-        session = Session(mapping, seed=seed + t, calibration={name: calib.astype(x.dtype)}, **hardware)
-        logits = _batched(lambda b: session.run(None, {name: b})[0], x, batch_size)
-        rows.append(
-            {
-                "seed": seed + t,
-                "accuracy": float((logits.argmax(-1) == y).mean()),
-                "adc_clipped": session.adc_clipped,
-                "adc_conversions": session.adc_conversions,
-            }
-        )
+    reference = FloatReference.measure(mapping, dataset, batch_size=batch_size, calibration=calibration)
+    done = [
+        crossbar_trial(mapping, reference, seed + t, **hardware)
+        for t in tqdm(range(trials), desc="trials", unit="trial", disable=None if progress is None else not progress, leave=False)
+    ]
+    rows = [{k: v for k, v in trial.items() if k != "hardware"} for trial in done]
     accuracy = np.array([r["accuracy"] for r in rows])
+    float_accuracy = reference.float_accuracy
     return {
         "dataset": str(dataset),
-        "samples": int(x.shape[0]),
+        "samples": int(reference.x.shape[0]),
         "trials": trials,
         "float_accuracy": float_accuracy,
         "crossbar_accuracy_mean": float(accuracy.mean()),
@@ -109,6 +87,58 @@ def evaluate(
         "drop_mean": float(float_accuracy - accuracy.mean()),
         "adc_clipped_mean": float(np.mean([r["adc_clipped"] for r in rows])),
         "per_trial": rows,
+        "hardware": done[-1]["hardware"],
+    }
+
+
+@dataclass(frozen=True)
+class FloatReference:
+    """A data set ready to run and the float model's accuracy on it: measured once, then any
+    number of crossbar trials compare against it (a sweep point runs many)."""
+
+    x: np.ndarray
+    y: np.ndarray
+    input_name: str
+    calibration: np.ndarray
+    batch_size: int
+    float_accuracy: float
+
+    @classmethod
+    def measure(cls, mapping, dataset, *, batch_size: int = 256, calibration: np.ndarray | None = None) -> "FloatReference":
+        """Check the data against the model and run the original model on ONNX Runtime.
+        Calibrated converter ranges come from `calibration`, else the dataset's own calibration
+        split, else its first 256 samples."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise XCompileError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
+        x, y, calib = load_dataset(dataset)
+        calib = calibration if calibration is not None else calib if calib is not None else x[:CALIBRATION_SAMPLES]
+        reference = ort.InferenceSession(mapping.program.model, providers=["CPUExecutionProvider"])
+        inputs = reference.get_inputs()
+        if len(inputs) != 1:
+            raise XCompileError(f"eval needs a model with one input; this one has {[i.name for i in inputs]}")
+        name = inputs[0].name
+        _check_inputs(x, inputs[0], dataset)
+        x = x.astype(_input_dtype(inputs[0].type), copy=False)
+        float_logits = _batched(lambda b: reference.run(None, {name: b})[0], x, batch_size)
+        classes = float_logits.shape[-1]
+        if y.min() < 0 or y.max() >= classes:
+            raise XCompileError(f"dataset '{dataset}': labels run {y.min()}..{y.max()}, the model has {classes} classes")
+        float_accuracy = float((float_logits.argmax(-1) == y).mean())
+        return cls(x, y, name, calib.astype(x.dtype), batch_size, float_accuracy)
+
+
+def crossbar_trial(mapping, reference: FloatReference, seed: int, **hardware: Any) -> dict[str, Any]:
+    """One seeded trial on the crossbars: the tiles programmed with `seed`, then the data set run;
+    its accuracy, converter counts and the hardware it ran on."""
+    from xcompile.runtime.session import Session
+
+    session = Session(mapping, seed=seed, calibration={reference.input_name: reference.calibration}, **hardware)
+    logits = _batched(lambda b: session.run(None, {reference.input_name: b})[0], reference.x, reference.batch_size)
+    return {
+        "seed": seed,
+        "accuracy": float((logits.argmax(-1) == reference.y).mean()),
+        "adc_clipped": session.adc_clipped,
+        "adc_conversions": session.adc_conversions,
         "hardware": session.hardware.to_dict(),
     }
 

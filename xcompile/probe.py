@@ -119,12 +119,6 @@ class GainProbe:
             out[start : start + len(chunk)] = self.sample_losses(logits, np.tile(self.labels, len(chunk))).reshape(len(chunk), samples)
         return out
 
-    def loss(self, gains: dict[int, np.ndarray] | None = None) -> float:
-        """The calibration loss with `gains` [N] per layer (1 where not given)."""
-        samples = self.x.shape[0]
-        tiled = {index: np.broadcast_to(g, (samples, g.shape[-1])) for index, g in (gains or {}).items()}
-        return float(self.sample_losses(self._run(self.x, tiled)).mean())
-
     def sample_losses(self, logits: np.ndarray, labels: np.ndarray | None = None) -> np.ndarray:
         """Cross-entropy per sample of scale-free logits: each sample's logits divided by their
         spread and multiplied by the float model's mean spread. A ReLU network's outputs scale
