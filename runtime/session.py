@@ -162,7 +162,10 @@ class Session:
         env = self._check_feeds(input_feed)
         fused = self._fused_session()
         if fused is not None:
-            return fused.run(names, env, run_options)
+            try:
+                return fused.run(names, env, run_options)
+            except Exception:  # ONNX Runtime's own exception types: the step path says which node and why
+                pass
         for position, step in enumerate(self._steps):
             if isinstance(step, _Segment):
                 values = step.run([self._value(env, n) for n in step.inputs], run_options)
@@ -182,8 +185,10 @@ class Session:
         if self._fused is None:
             layers = {i: (r.layer, r.crossbar.weights, r.crossbar.bias) for i, r in self._layers.items()}
             model = fused_model(self.program.graph, layers)
+            options = ort.SessionOptions()
+            options.log_severity_level = 4  # a failed run falls back to the step path, which explains it
             try:
-                self._fused = False if model is None else ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+                self._fused = False if model is None else ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
             except (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidGraph,
                     ort.capi.onnxruntime_pybind11_state.InvalidArgument, ort.capi.onnxruntime_pybind11_state.NotImplemented):
                 self._fused = False  # e.g. a layer fed float64 or integers: the step path handles every type

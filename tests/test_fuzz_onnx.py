@@ -162,12 +162,14 @@ def _onnxruntime(m: onnx.ModelProto, feeds: dict):
         return None, exc
 
 
-def _xcompile(m: onnx.ModelProto, feeds: dict, **options):
+def _xcompile(m: onnx.ModelProto, feeds: dict, step_by_step: bool = False, **options):
+    """(outputs, error); step_by_step: run every layer on the crossbar runtime's own kernels, as
+    tracing does, in place of ideal mode's one fused ONNX Runtime graph."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. ACM clipping or calibration on the first batch
-            mapping = xcompile.compile_model(m, progress=False, **options)
-            return xcompile.Session(mapping).run(None, feeds), None
+            session = xcompile.Session(xcompile.compile_model(m, progress=False, **options))
+            return (session.trace(feeds)[0] if step_by_step else session.run(None, feeds)), None
     except xcompile.XCompileError as exc:
         return None, exc
 
@@ -188,7 +190,9 @@ def test_random_graphs_match_onnxruntime_or_are_refused_with_one_clear_line(case
         return
     assert ort_error is None, f"xcompile ran a model ONNX Runtime refuses: {ort_error}"
     event("ran to ONNX Runtime's output")
-    for g, e in zip(got, expected, strict=True):
+    stepped, error = _xcompile(m, feeds, step_by_step=True, ideal=True)
+    assert error is None, f"the fused graph ran, step by step refused: {error}"
+    for g, e in zip(got + stepped, expected + expected, strict=True):
         g = np.asarray(g)
         assert g.shape == e.shape and g.dtype == e.dtype
         finite = np.isfinite(e)

@@ -2,7 +2,7 @@
 
 One boundary for every failure (docs/errors.md): bad input is one line on stderr
 and exit code 2; anything else is a bug, one line asking for a report and exit code 1 (the
-traceback with `--debug`); Ctrl-C exits 130 and SIGTERM 143, after the temporary files of an
+traceback with `--debug`); Ctrl-C and SIGTERM exit 130, after the temporary files of an
 unfinished output are removed. Nothing is half-written.
 """
 
@@ -47,10 +47,6 @@ HARDWARE_FLAGS = (
 )
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised like Ctrl-C so that cleanup (`atomic_output`) runs on the way out."""
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     cut = argv.index("--") if "--" in argv else len(argv)
@@ -69,8 +65,6 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
     except XCompileError as exc:
         return _fail(f"error: {exc}", 2, debug)
-    except Terminated:
-        return _fail("terminated", 128 + signal.SIGTERM, debug)
     except KeyboardInterrupt:
         return _fail("interrupted", 130, debug)
     except BrokenPipeError:  # `xcompile inspect m.bin | head`: the reader left, nothing to say
@@ -104,11 +98,11 @@ def _raise_terminated(signum, frame) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGTERM)
         return
-    raise Terminated()
+    raise KeyboardInterrupt  # like Ctrl-C, so that cleanup (`atomic_output`) runs on the way out
 
 
 def _handle_sigterm():
-    """Turn SIGTERM into `Terminated` (possible on the main thread only); return what undoes it."""
+    """Turn SIGTERM into KeyboardInterrupt (possible on the main thread only); return what undoes it."""
     global _MAIN_PID
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
