@@ -32,7 +32,8 @@ def run(program: Program, progress=None) -> PassResult:
 def _assign(layer: Layer, rows: int, cols: int, dtype, top: int, cell_bits: int) -> Layer:
     if layer.tiling is None or layer.encoding is None or layer.scale is None:
         raise ValueError(f"layer '{layer.name}': assignment needs quantisation, encoding and tiling first")
-    signed = layer.weight_q if layer.weight_q is not None else layer.weight / np.float32(layer.scale)
+    step = layer.output_step()
+    signed = layer.weight_q if layer.weight_q is not None else layer.weight / (np.float32(step) if layer.channel_scale is None else step)
     t = layer.tiling
     levels = np.zeros((t.count, rows, cols), dtype=dtype)
     for i in range(t.count):

@@ -25,6 +25,7 @@ import numpy as np
 
 from xcompile.errors import XCompileError
 from xcompile.ir import Encoding, Layer, PassResult, Program, frozen_array
+from xcompile.passes.quantize import quantise
 
 NAME = "encode"
 
@@ -41,13 +42,14 @@ def run(program: Program, progress=None) -> PassResult:
     encoding = encoding_for(opts)
     _check_fits(encoding, opts, hw.cols)
     top = 2**opts.weight_bits - 1
+    per_channel = opts.weight_scale == "channel"
     layers = []
     for layer in program.layers:
         layer = dataclasses.replace(layer, encoding=encoding)
         if opts.encoding == "offset":
-            layer = _requantise(layer, (top + 1) // 2 - 1, opts.ideal)
+            layer = quantise(layer, (top + 1) // 2 - 1, opts.ideal, per_channel)
         elif opts.encoding == "acm":
-            layer = _fit_acm(layer, top, encoding.outputs_per_tile(hw.cols), opts.acm_fit, opts.ideal)
+            layer = _fit_acm(layer, top, encoding.outputs_per_tile(hw.cols), opts.acm_fit, opts.ideal, per_channel)
         layers.append(layer)
         if progress:
             progress()
@@ -121,20 +123,16 @@ def physical_cells(encoding: Encoding, logical: np.ndarray, cell_bits: int) -> n
     return np.stack(parts, axis=-1).reshape(logical.shape[0], -1)
 
 
+def _step32(layer: Layer):
+    """The layer's level step per output as float32 (dividing float32 weights stays float32)."""
+    step = layer.output_step()
+    return np.float32(step) if layer.channel_scale is None else step.astype(np.float32)
+
+
 def _suffix_sums(block: np.ndarray) -> np.ndarray:
     """[rows, n + 1]: S_ij = sum_{k >= j} block_ik, with S_in = 0 (the extra column)."""
     zero = np.zeros((block.shape[0], 1), dtype=block.dtype)
     return np.concatenate([np.cumsum(block[:, ::-1], axis=1)[:, ::-1], zero], axis=1)
-
-
-def _requantise(layer: Layer, limit: int, ideal: bool) -> Layer:
-    """Quantise again with |q| <= limit (a coarser step); the new step is the layer's scale."""
-    largest = float(np.abs(layer.weight).max(initial=0.0))
-    scale = largest / limit if largest > 0 else 1.0
-    if ideal:
-        return dataclasses.replace(layer, scale=scale)
-    q = np.clip(np.rint(layer.weight / scale), -limit, limit).astype(np.int32)
-    return dataclasses.replace(layer, scale=scale, weight_q=frozen_array(q))
 
 
 def _acm_span(layer: Layer, signed: np.ndarray, per_tile: int) -> float:
@@ -147,18 +145,17 @@ def _acm_span(layer: Layer, signed: np.ndarray, per_tile: int) -> float:
     return span
 
 
-def _fit_acm(layer: Layer, top: int, per_tile: int, fit: str, ideal: bool) -> Layer:
+def _fit_acm(layer: Layer, top: int, per_tile: int, fit: str, ideal: bool, per_channel: bool) -> Layer:
     """Make every row's suffix sums fit the cell range, by a coarser scale or by counted clipping."""
-    signed = layer.weight_q if not ideal else layer.weight / np.float32(layer.scale)
+    signed = layer.weight_q if not ideal else layer.weight / _step32(layer)
     span = _acm_span(layer, signed, per_tile)
     if span <= top:
         return layer
     if fit == "scale":
-        largest = float(np.abs(layer.weight).max())
-        limit = int(largest / (layer.scale * span / top))
+        limit = int(top * top / span)
         while limit >= 1:  # rounding can push a row over again: widen the step until all fit
-            scaled = _requantise(layer, limit, ideal)
-            check = scaled.weight_q if not ideal else scaled.weight / np.float32(scaled.scale)
+            scaled = quantise(layer, limit, ideal, per_channel)
+            check = scaled.weight_q if not ideal else scaled.weight / _step32(scaled)
             if _acm_span(scaled, check, per_tile) <= top:
                 notes = {**layer.notes, "acm_rescaled_by": round(scaled.scale / layer.scale, 6)}
                 return dataclasses.replace(scaled, notes=notes)
@@ -175,7 +172,8 @@ def _fit_acm(layer: Layer, top: int, per_tile: int, fit: str, ideal: bool) -> La
         cells = suffix + np.maximum(0, -suffix.min(axis=1, keepdims=True))
         clipped += int((cells > top).sum())
         realised = np.diff(-np.clip(cells, 0, top), axis=1)  # w_ij = g_ij - g_i,j+1
-        squared += float(np.square((realised - block) * layer.scale).sum())
+        step = layer.scale if layer.channel_scale is None else layer.scale * layer.to_crossbar_order(layer.channel_scale)[c0 : c0 + block.shape[1]]
+        squared += float(np.square((realised - block) * step).sum())
         count += block.size
     notes = {**layer.notes, "acm_clipped_cells": clipped, "acm_weight_rmse": math.sqrt(squared / max(count, 1))}
     return dataclasses.replace(layer, notes=notes)

@@ -11,6 +11,7 @@ MatMul packs constant weights once and is faster than numpy's BLAS on these shap
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,7 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 from xcompile.config import Hardware
 from xcompile.errors import XCompileError
 from xcompile.ir import Layer
-from xcompile.runtime import devices, kernels
+from xcompile.runtime import compensation, devices, kernels
 from xcompile.runtime.physics import effective_conductance
 from xcompile.runtime.threads import pool, single_threaded_blas
 
@@ -38,6 +39,11 @@ class _RowBlock:
     tile_of_column: np.ndarray  # int64 [columns]
     fixed_scale: np.ndarray  # float64 [columns]: the largest current a column can carry
     seen_max: np.ndarray  # float64 [columns]: largest current seen while calibrating
+    gain: np.ndarray  # float32 [columns]: digital gain after the ADC (compensation; 1 without)
+    row_scale: np.ndarray | None  # float64 [rows]: digital input scale before the DAC (row-column)
+    fit: tuple | None = None  # (G_eff, target) of the used columns, float64, to refit on data
+    moment_sum: np.ndarray | None = None  # sum of v v^T over calibration reads (data-fitted compensation)
+    moment_count: int = 0
     inverse_full_scale: np.ndarray = None  # float32 [columns]: 1 / ADC range in use
     step: np.ndarray = None  # float32 [columns]: ADC range / levels
 
@@ -58,6 +64,7 @@ class ProgrammedLayer:
         self.conversions = 0
         self.calibrating = False
         self.input_range = 0.0
+        self.compensation = None  # what the compensation fits did (programmed layers only)
         if self.ideal:
             self.weights = effective_weights(layer)
             self.weights32 = self.weights.astype(np.float32)
@@ -67,17 +74,50 @@ class ProgrammedLayer:
         self._noise_rng = np.random.default_rng([seed, layer.index, 1])
         self.block_acc, self.block_out, self.block_outputs = _column_blocks(layer)
         self.acc_columns = int(self.block_acc[-1] + layer.encoding.columns_used(int(self.block_outputs[-1])))
-        self.blocks = _program_blocks(layer, hardware, level_max, self.block_acc, np.random.default_rng([seed, layer.index]))
+        self.blocks, self.compensation = _program_blocks(layer, hardware, level_max, self.block_acc, np.random.default_rng([seed, layer.index]))
+        self.row_scale = _row_scales(self.blocks)
         self._array_reads = _ArrayReads(self.blocks)
         self._no_bias = np.zeros(layer.outputs)
         self._crossbar_bias = self._no_bias if self.bias is None else layer.to_crossbar_order(self.bias)
         # y = s * sum(coeff * I) * this, s the input vector's range (see runtime/converters.py)
         self.output_factor = level_max * layer.scale / (hardware.v_read * (hardware.g_on - hardware.g_off))
+        # per-channel weight scales: each output times its own step, digitally, before the bias
+        self.channel = None if layer.channel_scale is None else layer.to_crossbar_order(layer.channel_scale).astype(np.float64)
 
     @property
     def needs_calibration(self) -> bool:
         hw = self.hw
         return not self.ideal and ((hw.adc_bits > 0 and hw.adc_range != "fixed") or hw.dac_range == "calibrated")
+
+    @property
+    def fits_on_data(self) -> bool:
+        """Whether calibration data should refit this layer's compensation."""
+        return not self.ideal and self.hw.compensation != "none"
+
+    def collect_moments(self) -> None:
+        """From now on record E[v v^T] of the unscaled row voltages of every read, per row block."""
+        for block in self.blocks:
+            rows = block.rows[1] - block.rows[0]
+            block.moment_sum, block.moment_count = np.zeros((rows, rows)), 0
+
+    def refit(self) -> None:
+        """Fit the compensation again on the recorded voltages in place of the probe distribution."""
+        report = {"mode": self.hw.compensation, "misfit_before": 0.0, "misfit_after": 0.0}
+        for block in self.blocks:
+            if block.moment_sum is None or block.moment_count == 0:
+                moment = None
+            else:
+                moment = block.moment_sum / block.moment_count
+            gain, block.row_scale = _fit(self.hw.compensation, [block.fit[0]], [block.fit[1]], report, moment)
+            block.gain = gain.astype(np.float32)
+            block.moment_sum, block.moment_count = None, 0
+        self.row_scale = _row_scales(self.blocks)
+        signal = max(report.pop("signal", 0.0), 1e-300)
+        self.compensation = {
+            **self.compensation, "fitted_on": "calibration data",
+            "error_before": float(np.sqrt(report.pop("misfit_before") / signal)),
+            "error_after": float(np.sqrt(report.pop("misfit_after") / signal)),
+        }
 
     def start_calibration(self) -> None:
         """Forget what earlier calibrations saw: ranges come from this run alone."""
@@ -149,6 +189,8 @@ class ProgrammedLayer:
         conversions clipped."""
         hw = self.hw
         scale = self._input_scale(x)
+        if self.row_scale is not None:  # row-column compensation: scaled digitally before the DAC
+            x = x * self.row_scale.astype(x.dtype, copy=False)
         acc = np.zeros((x.shape[0], self.acc_columns), dtype=np.float32)
         dac_levels = float(2**hw.dac_bits - 1) if hw.dac_bits else 0.0
         passes = clipped = 0
@@ -173,8 +215,11 @@ class ProgrammedLayer:
         enc = self.layer.encoding
         kernels.combine(
             acc, self.block_acc, self.block_out, self.block_outputs, enc.term_offset, enc.term_step, enc.term_coeff,
-            scale * self.output_factor, bias, out,
+            scale * self.output_factor, bias if self.channel is None else self._no_bias, out,
         )
+        if self.channel is not None:
+            out *= self.channel.astype(out.dtype, copy=False)
+            out += bias.astype(out.dtype, copy=False)
         return passes * x.shape[0], clipped
 
     def _input_scale(self, x: np.ndarray) -> np.ndarray:
@@ -194,6 +239,12 @@ class ProgrammedLayer:
         convert = self.hw.adc_bits > 0 and not self.calibrating
         clipped = 0
         for block, currents in zip(self.blocks, self._array_reads(voltages)):
+            if block.moment_sum is not None:
+                v = voltages[:, block.rows[0] : block.rows[1]].astype(np.float64)
+                if block.row_scale is not None:
+                    v = v / block.row_scale
+                block.moment_sum += v.T @ v
+                block.moment_count += v.shape[0]
             if block.noise_variance is not None:
                 v = voltages[:, block.rows[0] : block.rows[1]]
                 spread = np.sqrt(np.square(v) @ block.noise_variance)
@@ -202,7 +253,7 @@ class ProgrammedLayer:
                 np.maximum(block.seen_max, currents.max(axis=0, initial=0.0), out=block.seen_max)
             clipped += kernels.convert_accumulate(
                 currents, convert, block.inverse_full_scale, block.step, np.float32(self.adc_levels),
-                self.hw.adc_nonlinearity, block.tile_base, block.tile_acc, block.tile_columns, np.float32(weight), acc,
+                self.hw.adc_nonlinearity, block.gain, block.tile_base, block.tile_acc, block.tile_columns, np.float32(weight), acc,
             )
         return clipped
 
@@ -272,8 +323,11 @@ def _column_blocks(layer: Layer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return starts, np.array([c0 for _, c0, _ in blocks], dtype=np.int64), outputs
 
 
-def _program_blocks(layer: Layer, hw: Hardware, level_max: float, block_acc: np.ndarray, rng: np.random.Generator) -> list[_RowBlock]:
-    """Program every tile (device effects, then G_eff of the whole physical array) by row block.
+def _program_blocks(
+    layer: Layer, hw: Hardware, level_max: float, block_acc: np.ndarray, rng: np.random.Generator
+) -> tuple[list[_RowBlock], dict]:
+    """Program every tile (device effects, then G_eff of the whole physical array) by row block,
+    then fit its compensation (runtime/compensation.py); returns the blocks and what the fits did.
 
     Devices are drawn tile by tile in one order (same seed, same cells); the wire networks are
     then solved on the runtime's threads, as the solver releases the GIL."""
@@ -282,7 +336,21 @@ def _program_blocks(layer: Layer, hw: Hardware, level_max: float, block_acc: np.
     for i, (rb, _) in enumerate(tiling.grid):
         per_block.setdefault(int(rb), []).append(i)
     order = [i for rb in sorted(per_block) for i in per_block[rb]]
-    drawn = [devices.program(layer.levels[i], level_max, hw, rng) for i in order]
+
+    def used(i: int) -> tuple[int, int]:
+        (r0, r1), (c0, c1) = tiling.row_range[i], tiling.out_range[i]
+        return int(r1 - r0), enc.columns_used(int(c1 - c0))
+
+    targets = {i: devices.level_conductance(layer.levels[i], level_max, hw) for i in order}
+    report = {"mode": hw.compensation, "fitted_on": "probe", "misfit_before": 0.0, "misfit_after": 0.0, "seconds": 0.0}
+    started = time.perf_counter()
+    written = targets
+    if hw.compensation == "predistort" and not hw.wires_ideal:
+        with single_threaded_blas():
+            solved = list(pool().map(lambda i: compensation.predistorted(targets[i], used(i), hw, compensation.probe_moment(used(i)[0])), order))
+        written = {i: g for i, (g, _) in zip(order, solved)}
+        report["predistort_seconds"] = sum(info["seconds"] for _, info in solved)
+    drawn = [devices.perturb(written[i], hw, rng) for i in order]
     if not hw.wires_ideal:
         with single_threaded_blas():
             drawn = list(pool().map(lambda g: effective_conductance(g, hw.r_wire, hw.r_source, hw.r_sink), drawn))
@@ -291,16 +359,19 @@ def _program_blocks(layer: Layer, hw: Hardware, level_max: float, block_acc: np.
     for rb in sorted(per_block):
         tiles = per_block[rb]
         r0, r1 = (int(v) for v in tiling.row_range[tiles[0]])
-        columns, owner, fixed, base, acc_start, widths = [], [], [], [], [], []
+        columns, owner, fixed, base, acc_start, widths, goals = [], [], [], [], [], [], []
         for i in tiles:
             c0, c1 = (int(v) for v in tiling.out_range[i])
-            used = enc.columns_used(c1 - c0)
+            used_columns = enc.columns_used(c1 - c0)
             base.append(sum(c.shape[1] for c in columns))
             acc_start.append(int(block_acc[int(tiling.grid[i][1])]))
-            widths.append(used)
-            columns.append(programmed[i][: r1 - r0, :used])
-            owner.extend([i] * used)
-            fixed.extend([hw.v_read * hw.g_on * (r1 - r0)] * used)
+            widths.append(used_columns)
+            columns.append(programmed[i][: r1 - r0, :used_columns])
+            goals.append(targets[i][: r1 - r0, :used_columns])
+            owner.extend([i] * used_columns)
+            fixed.extend([hw.v_read * hw.g_on * (r1 - r0)] * used_columns)
+        gain, row_scale = _fit(hw.compensation, columns, goals, report)
+        fit = None if hw.compensation == "none" else (np.concatenate(columns, axis=1), np.concatenate(goals, axis=1))
         conductance = (np.concatenate(columns, axis=1) * hw.v_read).astype(np.float32)
         fixed_scale = np.array(fixed, dtype=np.float64)
         block = _RowBlock(
@@ -313,10 +384,44 @@ def _program_blocks(layer: Layer, hw: Hardware, level_max: float, block_acc: np.
             tile_of_column=np.array(owner, dtype=np.int64),
             fixed_scale=fixed_scale,
             seen_max=np.zeros_like(fixed_scale),
+            gain=gain.astype(np.float32),
+            row_scale=row_scale,
+            fit=fit,
         )
         block.set_full_scale(fixed_scale, float(2**hw.adc_bits - 1))
         blocks.append(block)
-    return blocks
+    report["seconds"] = time.perf_counter() - started
+    signal = max(report.pop("signal", 0.0), 1e-300)
+    report["error_before"] = float(np.sqrt(report.pop("misfit_before") / signal))  # rms current error / rms current
+    report["error_after"] = float(np.sqrt(report.pop("misfit_after") / signal))
+    return blocks, report
+
+
+def _row_scales(blocks: list[_RowBlock]) -> np.ndarray | None:
+    """The row-column input scales of all the layer's rows (float32), or None without any."""
+    if all(block.row_scale is None for block in blocks):
+        return None
+    return np.concatenate([b.row_scale if b.row_scale is not None else np.ones(b.rows[1] - b.rows[0]) for b in blocks]).astype(np.float32)
+
+
+def _fit(mode: str, columns: list, goals: list, report: dict, moment: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Column gains (one per physical column) and, for row-column, the row block's row scales,
+    on the inputs' second moment (the probe distribution's without one). Adds the misfit before
+    and after, and the signal, to `report`."""
+    effective, target = np.concatenate(columns, axis=1), np.concatenate(goals, axis=1)
+    moment = compensation.probe_moment(effective.shape[0]) if moment is None else moment
+    report["signal"] = report.get("signal", 0.0) + compensation.misfit(np.zeros_like(target), target, moment)
+    report["misfit_before"] += compensation.misfit(effective, target, moment)
+    row_scale = None
+    if mode == "none":
+        gain = np.ones(effective.shape[1])
+    elif mode == "row-column":
+        row_scale, gain = compensation.row_column(effective, target, moment)
+    else:  # column, predistort
+        gain = compensation.column_gains(effective, target, moment)
+    realised = effective * gain if row_scale is None else effective * row_scale[:, None] * gain
+    report["misfit_after"] += compensation.misfit(realised, target, moment)
+    return gain, row_scale
 
 
 def effective_weights(layer: Layer) -> np.ndarray:
@@ -327,7 +432,7 @@ def effective_weights(layer: Layer) -> np.ndarray:
         (r0, r1), (c0, c1) = tiling.row_range[i], tiling.out_range[i]
         block = enc.combine(layer.levels[i, : r1 - r0].astype(np.float64), c1 - c0)
         layer.add_block(target, (r0, r1), (c0, c1), block)
-    return target * layer.scale
+    return target * layer.output_step()
 
 
 def read_energy(layer: Layer, hw: Hardware, options, rows: np.ndarray) -> float:

@@ -21,7 +21,12 @@ def level_conductance(levels: np.ndarray, level_max: float, hw: Hardware) -> np.
 
 def program(levels: np.ndarray, level_max: float, hw: Hardware, rng: np.random.Generator) -> np.ndarray:
     """Conductances actually programmed (float64, same shape as `levels`), for one trial."""
-    g = level_conductance(levels, level_max, hw)
+    return perturb(level_conductance(levels, level_max, hw), hw, rng)
+
+
+def perturb(g: np.ndarray, hw: Hardware, rng: np.random.Generator) -> np.ndarray:
+    """What programming target conductances `g` (S) actually gives, for one trial: variation,
+    then stuck cells (the draws `program` makes)."""
     if hw.sigma > 0:
         noise = rng.standard_normal(g.shape)
         if hw.variation == "lognormal":

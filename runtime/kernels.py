@@ -54,9 +54,10 @@ def bit_plane(x, scale, levels, sign, bit, out):
 
 
 @numba.njit(nogil=True, cache=True)
-def convert_accumulate(currents, convert, inverse_full_scale, step, levels, alpha, tile_base, tile_acc, tile_columns, weight, acc):
-    """acc[p, tile_acc[t] + c] += weight * ADC(currents[p, tile_base[t] + c]) for each tile t;
-    returns how many conversions were above full scale (clipped).
+def convert_accumulate(currents, convert, inverse_full_scale, step, levels, alpha, gain, tile_base, tile_acc, tile_columns, weight, acc):
+    """acc[p, tile_acc[t] + c] += weight * gain[...] * ADC(currents[p, tile_base[t] + c]) for each
+    tile t (gain: the digital per-column gain of compensation, 1 without); returns how many
+    conversions were above full scale (clipped).
 
     currents [P, C]: one row block's tiles side by side. acc holds one column per physical column
     of a column block, so row blocks that share outputs add up before the (linear) recombination.
@@ -72,14 +73,15 @@ def convert_accumulate(currents, convert, inverse_full_scale, step, levels, alph
             first, width = tile_base[t], tile_columns[t]
             source = row[first : first + width]
             into = target[tile_acc[t] : tile_acc[t] + width]
+            factor = gain[first : first + width]
             if convert:
                 inverse, quantum = inverse_full_scale[first : first + width], step[first : first + width]
                 for c in range(width):
                     count += source[c] * inverse[c] > 1.0
-                    into[c] += weight * adc(source[c], inverse[c], quantum[c], levels, alpha, tanh_alpha)
+                    into[c] += weight * factor[c] * adc(source[c], inverse[c], quantum[c], levels, alpha, tanh_alpha)
             else:
                 for c in range(width):
-                    into[c] += weight * source[c]
+                    into[c] += weight * factor[c] * source[c]
         clipped += count
     return clipped
 

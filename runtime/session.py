@@ -20,7 +20,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
-from xcompile.config import Hardware, hardware_from
+from xcompile.config import Hardware, runtime_hardware
 from xcompile.errors import XCompileError
 from xcompile.ir import CUSTOM_DOMAIN, MVM_OP, Layer, Program
 from xcompile.runtime.fused import fused_model
@@ -44,7 +44,8 @@ class Session:
     calibration: feeds (dict name -> array) to set calibrated ADC / DAC ranges from; without
     them, ranges are calibrated on the first batch passed to `run` (and a warning says so).
     hardware / keyword options: hardware to run on instead of the one compiled for (a preset
-    name, dict, TOML path or Hardware, then single options on top); the array size must match.
+    name, dict, TOML path or Hardware, then single options on top); the array size is always the
+    mapping's, and only an explicit rows= / cols= that differs from it is an error.
     """
 
     def __init__(self, mapping, *, seed: int = 0, calibration: dict | None = None, hardware=None, **hardware_options: Any):
@@ -70,7 +71,8 @@ class Session:
         self._last_use = _last_uses(self._steps, [o.name for o in graph.output])
         self._calibrated = not any(r.crossbar.needs_calibration for r in self._layers.values())
         self._fused: ort.InferenceSession | None | bool = None if self.hardware.ideal else False  # built on first run
-        if calibration is not None and not self._calibrated:
+        refits = any(r.crossbar.fits_on_data for r in self._layers.values())
+        if calibration is not None and (not self._calibrated or refits):
             self.calibrate(calibration)
 
     def reprogram(self, layer: Layer, calibration: dict | None = None) -> None:
@@ -82,12 +84,26 @@ class Session:
         self._layers[layer.index] = _LayerRunner(layer, ProgrammedLayer(layer, self.hardware, self._level_max, self.seed))
         if self._fused is not False:
             self._fused = None  # rebuilt with the new layer's weights
-        if calibration is not None and self._layers[layer.index].crossbar.needs_calibration:
+        crossbar = self._layers[layer.index].crossbar
+        if calibration is not None and (crossbar.needs_calibration or crossbar.fits_on_data):
             self.calibrate(calibration)
 
     def calibrate(self, feeds: dict[str, Any]) -> None:
-        """Run `feeds` once with ideal ADCs and set every calibrated converter range from it."""
+        """Run `feeds` once with ideal ADCs and set every calibrated converter range from it.
+        With compensation, a first run records the voltages each tile's rows see and refits
+        the compensation on them, so the ranges then follow the compensated currents."""
         programmed = [r.crossbar for r in self._layers.values()]
+        fitting = [layer for layer in programmed if layer.fits_on_data]
+        if fitting:
+            for layer in programmed:
+                layer.start_calibration()
+            for layer in fitting:
+                layer.collect_moments()
+            try:
+                self._execute(None, feeds)
+            finally:
+                for layer in fitting:
+                    layer.refit()
         for layer in programmed:
             layer.start_calibration()
         try:
@@ -134,6 +150,12 @@ class Session:
     def adc_clipped(self) -> int:
         """ADC conversions above full scale (clipped) since the session was made."""
         return sum(r.crossbar.clipped for r in self._layers.values())
+
+    @property
+    def compensation(self) -> dict[str, dict]:
+        """Per programmed layer, what programming and compensation did: the mode, the rms array
+        error on the probe inputs before and after the fit (relative), and seconds spent."""
+        return {r.layer.name: r.crossbar.compensation for r in self._layers.values() if r.crossbar.compensation is not None}
 
     @property
     def adc_conversions(self) -> int:
@@ -377,20 +399,12 @@ def _ort_message(exc: Exception) -> str:
 
 
 def _runtime_hardware(program: Program, hardware, options: dict) -> Hardware:
-    """The hardware to run on: compiled-for, or replaced / overridden; the array size must match."""
-    base = program.hardware if hardware is None else hardware_from(hardware)
+    """The hardware to run on: compiled-for, or replaced / overridden; the array size stays the mapping's."""
     known = {f.name for f in dataclasses.fields(Hardware)}
     unknown = sorted(set(options) - known)
     if unknown:
         raise XCompileError(f"unknown runtime option(s) {', '.join(map(repr, unknown))}; known: seed, calibration, hardware, {', '.join(sorted(known))}")
-    hw = dataclasses.replace(base, **options)
-    for name in ("rows", "cols"):
-        if getattr(hw, name) != getattr(program.hardware, name):
-            raise XCompileError(
-                f"hardware option '{name}' is {getattr(hw, name)} but the mapping was compiled for "
-                f"{getattr(program.hardware, name)}: recompile to change the array size"
-            )
-    return hw
+    return runtime_hardware(program.hardware, hardware, options)
 
 
 def _seed(seed) -> int:

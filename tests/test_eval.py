@@ -91,3 +91,32 @@ def test_unknown_dataset_name(setup, capsys):
     _, mapping = setup
     assert main(["eval", str(mapping), "--dataset", "imagenet"]) == 2
     assert "built-in" in capsys.readouterr().err
+
+
+def test_breakdown_separates_each_non_ideality_with_and_without_compensation(setup, tmp_path, capsys):
+    folder, mapping = setup
+    plot = tmp_path / "breakdown.png"
+    assert main(["eval", str(mapping), "--dataset", str(folder / "data.npz"), "--trials", "2", "--breakdown", "--json",
+                 "--r-wire", "3", "--adc-bits", "6", "--variation", "lognormal", "--sigma", "0.05", "--plot", str(plot)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    rows = {row["non_ideality"]: row for row in result["rows"]}
+    assert list(rows) == ["ideal", "r_wire", "converters", "variation", "all"]  # only what the hardware has
+    assert rows["r_wire"]["hardware"] == {"r_wire": 3.0}
+    assert rows["variation"]["hardware"] == {"variation": "lognormal", "sigma": 0.05}
+    assert result["compensation"] == "row-column"
+    ideal = rows["ideal"]["uncompensated"]
+    assert ideal == rows["ideal"]["compensated"] and ideal["ci95"] == 0.0
+    wires = rows["r_wire"]
+    assert wires["compensated"]["accuracy_mean"] > wires["uncompensated"]["accuracy_mean"]
+    assert rows["all"]["uncompensated"]["drop_mean"] >= wires["uncompensated"]["drop_mean"] - 0.05
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_breakdown_text_table_and_plot_needs_breakdown(setup, capsys):
+    folder, mapping = setup
+    assert main(["eval", str(mapping), "--dataset", str(folder / "data.npz"), "--breakdown", "--r-wire", "2",
+                 "--compensation", "column"]) == 0
+    out = capsys.readouterr().out
+    assert "compensation column" in out and "r_wire" in out and "95% interval" in out
+    assert main(["eval", str(mapping), "--dataset", str(folder / "data.npz"), "--plot", "x.png"]) == 2
+    assert "--breakdown" in capsys.readouterr().err

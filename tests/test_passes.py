@@ -107,7 +107,7 @@ def test_pipeline_records_every_pass_with_its_options():
     mapping = xcompile.compile_model(small_cnn(), progress=False, rows=64, cols=32, weight_bits=6, cell_bits=6)
     history = {r.name: r for r in mapping.program.history}
     assert list(history) == ["quantize", "remap", "encode", "tile", "assign", "schedule"]
-    assert history["quantize"].options == {"weight_bits": 6, "ideal": False}
+    assert history["quantize"].options == {"weight_bits": 6, "weight_scale": "layer", "ideal": False}
     assert history["tile"].options == {"rows": 64, "cols": 32}
     assert all(r.seconds >= 0 for r in history.values())
 

@@ -31,7 +31,7 @@ from xcompile.reprogramming import Schedule
 FORMAT = "xcompile-mapping"
 FORMAT_VERSION = 1
 MANIFEST, MANIFEST_DIGEST = "manifest.json", "manifest.sha256"
-_LAYER_ARRAYS = ("weight", "bias", "weight_q", "levels", "output_order", "input_order", "stale_cells", "stale_levels")
+_LAYER_ARRAYS = ("weight", "bias", "weight_q", "levels", "output_order", "input_order", "stale_cells", "stale_levels", "channel_scale")
 SCHEDULE_PREFIX = "arrays/schedule/"
 _TILING_ARRAYS = ("grid", "row_range", "out_range", "crossbar")
 _ENCODING_ARRAYS = ("term_offset", "term_step", "term_coeff")
@@ -209,6 +209,7 @@ def _program_from(manifest: dict, blobs: dict[str, bytes]) -> Program:
                 input_order=arrays.get("input_order"),
                 stale_cells=arrays.get("stale_cells"),
                 stale_levels=arrays.get("stale_levels"),
+                channel_scale=_channel_scale(arrays.get("channel_scale"), arrays["weight"], meta["name"]),
             )
         )
     placement = manifest["placement"]
@@ -223,6 +224,16 @@ def _program_from(manifest: dict, blobs: dict[str, bytes]) -> Program:
         digital_nodes=tuple(manifest["digital_nodes"]),
         schedule=_schedule_from(manifest.get("schedule"), blobs),
     )
+
+
+def _channel_scale(array: np.ndarray | None, weight: np.ndarray, layer: str) -> np.ndarray | None:
+    """Per-output weight steps: [groups * Ng] finite and positive, or absent."""
+    if array is None:
+        return None
+    outputs = int(weight.shape[0] * weight.shape[2]) if weight.ndim == 3 else -1
+    if array.shape != (outputs,) or not np.issubdtype(array.dtype, np.floating) or not (np.isfinite(array).all() and (array > 0).all()):
+        raise ValueError(f"layer '{layer}': channel_scale must be {outputs} finite positive floats, got {array.dtype} {list(array.shape)}")
+    return array
 
 
 def _schedule_from(meta: dict | None, blobs: dict[str, bytes]) -> Schedule | None:

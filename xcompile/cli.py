@@ -23,7 +23,7 @@ import numpy as np
 
 from xcompile.errors import XCompileError
 
-COMMANDS = ("compile", "inspect", "run", "eval", "sweep")
+COMMANDS = ("compile", "inspect", "run", "eval", "sweep", "presets")
 
 # hardware flags shared by compile, run and eval: (flag, type, help)
 HARDWARE_FLAGS = (
@@ -44,6 +44,7 @@ HARDWARE_FLAGS = (
     ("--stuck-off-rate", float, "fraction of cells stuck at g_off"),
     ("--stuck-on-rate", float, "fraction of cells stuck at g_on"),
     ("--read-noise", float, "relative read noise per cell and MVM"),
+    ("--compensation", str, "line-resistance compensation fitted per tile when programmed: none | column | row-column | predistort"),
 )
 
 
@@ -139,6 +140,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cols", type=int, help="crossbar columns (default 128)")
     _hardware_args(p)
     p.add_argument("--weight-bits", type=int, help="weight magnitude bits (default 8)")
+    p.add_argument("--weight-scale", help="layer (default: one scale per layer) or channel (one per output, applied digitally)")
     p.add_argument("--cell-bits", type=int, help="bits per cell (default 8); weight_bits / cell_bits slices")
     p.add_argument("--encoding", help="signed-weight encoding: dual (default), acm, offset")
     p.add_argument("--acm-fit", help="ACM rows that overflow the cells: scale (default) or clip")
@@ -180,6 +182,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--calibration", metavar="FILE.npz", help="inputs (key x) to calibrate converter ranges on")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--breakdown", action="store_true", help="trials with each non-ideality alone and all together, without and with compensation")
+    p.add_argument("--plot", metavar="FILE", help="with --breakdown: plot the drops (.png, .pdf or .svg; needs matplotlib)")
     _hardware_args(p)
     p.set_defaults(handler=_eval)
 
@@ -197,12 +201,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the summary (one record per point) as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=_sweep)
+
+    p = sub.add_parser("presets", help="list the named hardware presets with every value and its source")
+    p.add_argument("--json", action="store_true", help="print them as JSON")
+    p.set_defaults(handler=_presets)
     return parser
 
 
 def _hardware_args(p: argparse.ArgumentParser) -> None:
     group = p.add_argument_group("hardware (SI units; override the preset / file)")
-    group.add_argument("--preset", help="named hardware: ideal, rram, rram-harsh")
+    group.add_argument("--preset", help="named hardware (`xcompile presets` lists them with their values and sources)")
     group.add_argument("--hardware", metavar="FILE", help="hardware description (TOML)")
     for flag, kind, text in HARDWARE_FLAGS:
         group.add_argument(flag, type=kind, help=text)
@@ -229,6 +237,7 @@ def _compile(args) -> int:
             "rows": args.rows,
             "cols": args.cols,
             "weight_bits": args.weight_bits,
+            "weight_scale": args.weight_scale,
             "cell_bits": args.cell_bits,
             "encoding": args.encoding,
             "acm_fit": args.acm_fit,
@@ -317,6 +326,10 @@ def _eval(args) -> int:
     calibration = None
     if args.calibration:
         calibration = _load_npz_x(args.calibration)
+    if args.plot and not args.breakdown:
+        raise XCompileError("--plot draws the breakdown: give --breakdown too")
+    if args.breakdown:
+        return _breakdown(args, calibration)
     result = evaluate(
         load(args.mapping), args.dataset, trials=args.trials, seed=args.seed, batch_size=args.batch_size,
         calibration=calibration, **_hardware_options(args),
@@ -329,6 +342,20 @@ def _eval(args) -> int:
     print(f"crossbars:                  {result['crossbar_accuracy_mean']:.2%} +- {result['crossbar_accuracy_std']:.2%}")
     print(f"drop:                       {result['drop_mean'] * 100:.2f} points")
     print(f"ADC conversions clipped:    {result['adc_clipped_mean']:.0f} per trial (mean)")
+    return 0
+
+
+def _breakdown(args, calibration) -> int:
+    from xcompile.artifact import load
+    from xcompile.evaluate import breakdown, format_breakdown, plot_breakdown
+
+    result = breakdown(
+        load(args.mapping), args.dataset, trials=args.trials, seed=args.seed, batch_size=args.batch_size,
+        calibration=calibration, **_hardware_options(args),
+    )
+    if args.plot:
+        plot_breakdown(result, args.plot)
+    print(json.dumps(result, indent=2) if args.json else format_breakdown(result))
     return 0
 
 
@@ -357,6 +384,31 @@ def _sweep(args) -> int:
     resumed = len(summary) - table.attrs["computed"]
     print(f"wrote {Path(args.output) / 'table.csv'}, summary.csv and plots/ there"
           + (f" ({resumed} of {len(summary)} points were there already)" if resumed else ""))
+    return 0
+
+
+def _presets(args) -> int:
+    from xcompile.config import Hardware
+    from xcompile.presets import CATALOGUE, NOT_FOUND
+
+    defaults = Hardware().to_dict()
+    if args.json:
+        records = [
+            {"name": p.name, "description": p.description, "values": Hardware(**p.values).to_dict(), "sources": p.sources}
+            for p in CATALOGUE.values()
+        ]
+        print(json.dumps({"presets": records, "not_found": NOT_FOUND}, indent=2))
+        return 0
+    for preset in CATALOGUE.values():
+        hw = Hardware(**preset.values)
+        print(f"{preset.name}: {preset.description}")
+        print(f"  device: r_on {1 / hw.g_on:.4g} ohm, r_off {1 / hw.g_off:.4g} ohm, on/off ratio {hw.g_on / hw.g_off:.4g}")
+        for key, value in preset.values.items():
+            print(f"  {key} = {value!r}  ({preset.sources[key]})")
+        rest = sorted(k for k in defaults if k not in preset.values)
+        print(f"  everything else at its default: {', '.join(f'{k}={defaults[k]!r}' for k in rest)}")
+    for name, why in NOT_FOUND.items():
+        print(f"{name}: not shipped: {why}")
     return 0
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from xcompile.errors import XCompileError
+from xcompile.presets import CATALOGUE
 
 ENCODINGS = ("dual", "acm", "offset")
 REMAPS = ("none", "static", "dynamic", "sparse")
@@ -26,6 +27,8 @@ VARIATIONS = ("none", "lognormal", "gaussian")
 DAC_RANGES = ("absmax", "calibrated")
 ADC_RANGES = ("fixed", "calibrated", "per_column")
 INPUT_MODES = ("analog", "bit_serial")
+COMPENSATIONS = ("none", "column", "row-column", "predistort")
+WEIGHT_SCALES = ("layer", "channel")
 MAX_HARDWARE_FILE_BYTES = 1 << 20  # a hardware description is a few lines
 
 
@@ -46,7 +49,8 @@ class Hardware:
 
     The defaults are a 128 x 128 crossbar with a 1 kOhm .. 100 kOhm window and every non-ideality
     off (ideal wires, devices and converters); presets (`PRESETS`) describe realistic chips.
-    A bit count of 0 means an ideal converter.
+    A bit count of 0 means an ideal converter. `compensation` is what the chip fits per tile
+    when it is programmed (runtime/compensation.py): none | column | row-column | predistort.
     """
 
     rows: int = 128
@@ -68,6 +72,7 @@ class Hardware:
     stuck_off_rate: float = 0.0
     stuck_on_rate: float = 0.0
     read_noise: float = 0.0
+    compensation: str = "none"
 
     def __post_init__(self) -> None:
         for name in ("rows", "cols"):
@@ -94,7 +99,7 @@ class Hardware:
                 raise XCompileError(f"hardware option '{name}' is a fraction of cells and must be in [0, 1], got {value}")
         if self.stuck_off_rate + self.stuck_on_rate > 1:
             raise XCompileError("hardware options 'stuck_off_rate' + 'stuck_on_rate' must not exceed 1")
-        for name, allowed in (("variation", VARIATIONS), ("dac_range", DAC_RANGES), ("adc_range", ADC_RANGES), ("input_mode", INPUT_MODES)):
+        for name, allowed in (("variation", VARIATIONS), ("dac_range", DAC_RANGES), ("adc_range", ADC_RANGES), ("input_mode", INPUT_MODES), ("compensation", COMPENSATIONS)):
             if getattr(self, name) not in allowed:
                 raise XCompileError(f"hardware option '{name}' must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.variation == "none" and self.sigma > 0:
@@ -124,18 +129,8 @@ class Hardware:
 
 
 # Named hardware descriptions: `--preset NAME` / `hardware="NAME"`; explicit options override them.
-PRESETS: dict[str, dict[str, Any]] = {
-    "ideal": {},
-    "rram": {  # a typical 1T1R RRAM macro: 8-bit converters, 5% lognormal spread, 2.5 Ohm segments
-        "r_wire": 2.5, "r_source": 100.0, "r_sink": 100.0, "dac_bits": 8, "adc_bits": 8,
-        "adc_range": "calibrated", "variation": "lognormal", "sigma": 0.05,
-    },
-    "rram-harsh": {  # long, thin lines and a wide spread: where mapping tricks matter
-        "r_wire": 10.0, "r_source": 500.0, "r_sink": 500.0, "dac_bits": 6, "adc_bits": 6,
-        "adc_range": "calibrated", "variation": "lognormal", "sigma": 0.15,
-        "stuck_off_rate": 0.01, "stuck_on_rate": 0.001,
-    },
-}
+# Every value and its source: xcompile/presets.py, docs/hardware.md, `xcompile presets`.
+PRESETS: dict[str, dict[str, Any]] = {name: dict(preset.values) for name, preset in CATALOGUE.items()}
 
 
 @dataclass(frozen=True)
@@ -144,6 +139,8 @@ class CompileOptions:
 
     ideal: keep float weights (no quantisation); the equivalence mode.
     weight_bits: bits of a quantised weight's magnitude (the sign is carried by the encoding).
+    weight_scale: layer (one symmetric scale per layer) | channel (one per output channel, i.e. per
+        crossbar column group, applied digitally after recombination).
     cell_bits: bits one cell stores; a weight takes ceil(weight_bits / cell_bits) slices.
     encoding: dual | acm | offset (passes/encode.py).
     acm_fit: what ACM does with a row whose suffix sums overflow the cells: scale | clip.
@@ -163,6 +160,7 @@ class CompileOptions:
 
     ideal: bool = False
     weight_bits: int = 8
+    weight_scale: str = "layer"
     cell_bits: int = 8
     encoding: str = "dual"
     acm_fit: str = "scale"
@@ -189,7 +187,7 @@ class CompileOptions:
             raise XCompileError(f"option 'encoding' must be one of {', '.join(ENCODINGS)}, got {self.encoding!r}")
         if self.acm_fit not in ACM_FITS:
             raise XCompileError(f"option 'acm_fit' must be one of {', '.join(ACM_FITS)}, got {self.acm_fit!r}")
-        for name, allowed in (("remap", REMAPS), ("sensitivity", SENSITIVITIES)):
+        for name, allowed in (("remap", REMAPS), ("sensitivity", SENSITIVITIES), ("weight_scale", WEIGHT_SCALES)):
             if getattr(self, name) not in allowed:
                 raise XCompileError(f"option '{name}' must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if not isinstance(self.remap_rows, bool):
@@ -272,6 +270,31 @@ def split_options(options: dict[str, Any]) -> tuple[CompileOptions, Hardware]:
     return opts, hw
 
 
+STRUCTURAL = ("rows", "cols")  # what a mapping was cut for; fixed once compiled
+
+
+def runtime_hardware(compiled: Hardware, hardware=None, options: dict[str, Any] | None = None) -> Hardware:
+    """The hardware a compiled mapping runs on: `compiled`, or `hardware` (a preset name, dict,
+    TOML path or Hardware) with the structural keys (array size) taken from `compiled`, then
+    single `options` on top. Only an explicit option that contradicts the array size is an error:
+    a preset or file describes devices, wires and converters for whatever array it is given.
+    """
+    options = dict(options or {})
+    known = {f.name for f in fields(Hardware)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise XCompileError(f"unknown hardware option(s) {', '.join(map(repr, unknown))}; known: {', '.join(sorted(known))}")
+    for name in STRUCTURAL:
+        if name in options and options[name] != getattr(compiled, name):
+            raise XCompileError(
+                f"hardware option '{name}' is {options[name]!r} but the mapping was compiled for "
+                f"{getattr(compiled, name)}: recompile to change the array size"
+            )
+    base = compiled if hardware is None else hardware_from(hardware)
+    structure = {name: getattr(compiled, name) for name in STRUCTURAL}
+    return dataclasses.replace(base, **{**options, **structure})
+
+
 def hardware_from(source: Hardware | dict | str | Path) -> Hardware:
     """A Hardware from an instance, a preset name, a dict, or a TOML file (top level or [hardware]).
 
@@ -285,6 +308,11 @@ def hardware_from(source: Hardware | dict | str | Path) -> Hardware:
     if isinstance(source, (str, Path)):
         path = Path(source)
         if not path.exists():
+            if isinstance(source, str) and path.suffix == "" and len(path.parts) == 1:
+                raise XCompileError(
+                    f"unknown hardware preset {source!r}; presets: {', '.join(PRESETS)} (`xcompile presets` shows their "
+                    "values), or give a TOML file"
+                )
             raise XCompileError(f"hardware file '{path}' does not exist (presets: {', '.join(PRESETS)})")
         if not path.is_file():
             raise XCompileError(f"hardware file '{path}' is not a file, expected a TOML file")

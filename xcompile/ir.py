@@ -99,7 +99,7 @@ class Layer:
     bias: np.ndarray | None  # float32 [N]
     input_name: str
     output_name: str
-    scale: float | None = None  # weight value of one level step
+    scale: float | None = None  # weight value of one level step (the largest channel's, with channel scales)
     weight_q: np.ndarray | None = None  # int32 [groups, Kg, Ng], |weight_q| < 2**weight_bits
     encoding: Encoding | None = None
     tiling: Tiling | None = None
@@ -109,6 +109,15 @@ class Layer:
     input_order: np.ndarray | None = None  # int64 [K]: crossbar row r holds layer input input_order[r] (sorted sections)
     stale_cells: np.ndarray | None = None  # int64: flat indices into levels of cells a skipped write left stale
     stale_levels: np.ndarray | None = None  # the levels those cells actually hold when the tile computes
+    channel_scale: np.ndarray | None = None  # float64 [N], layer order: per-output step / scale (weight_scale='channel')
+
+    def output_step(self):
+        """The weight value of one level step, per output in crossbar order, shaped [groups, 1, Ng]
+        to divide or multiply `weight`; the one layer scale without channel scales."""
+        if self.channel_scale is None:
+            return self.scale
+        groups, _, per_group = self.weight.shape
+        return self.scale * self.to_crossbar_order(self.channel_scale).reshape(groups, 1, per_group)
 
     def order_inputs(self, rows: np.ndarray) -> np.ndarray:
         """Input vectors [..., K] in the layer's own order, put in crossbar row order."""

@@ -79,6 +79,15 @@ def compile_model(
                 f"cell range (weight RMSE {layer.notes['acm_weight_rmse']:.3g}); acm_fit='scale' avoids it",
                 stacklevel=2,
             )
+    if not compile_options.ideal and compile_options.weight_scale == "layer":
+        for layer in program.layers:
+            if layer.notes.get("rounded_to_zero", 0) > 0.5:
+                warnings.warn(
+                    f"layer '{layer.name}': one {compile_options.weight_bits}-bit scale per layer rounds "
+                    f"{layer.notes['rounded_to_zero']:.0%} of its nonzero weights to zero; --weight-scale channel "
+                    "gives each output its own scale",
+                    stacklevel=2,
+                )
     return Mapping(program)
 
 
@@ -86,7 +95,7 @@ def _pass_options(name: str, program: Program, calibration: Calibration | None) 
     """The options (and data) a pass read, so the artifact says how every step was made."""
     opts, hw = program.options, program.hardware
     return {
-        "quantize": {"weight_bits": opts.weight_bits, "ideal": opts.ideal},
+        "quantize": {"weight_bits": opts.weight_bits, "weight_scale": opts.weight_scale, "ideal": opts.ideal},
         "remap": {
             "remap": opts.remap, "sensitivity": opts.sensitivity, "remap_rows": opts.remap_rows, "r_wire": hw.r_wire, "r_source": hw.r_source, "r_sink": hw.r_sink,
             "calibration": None if calibration is None else calibration.describe(),
