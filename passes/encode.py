@@ -40,6 +40,7 @@ _LOGICAL = {
 def run(program: Program, progress=None) -> PassResult:
     opts, hw = program.options, program.hardware
     encoding = encoding_for(opts)
+    _check_fits(encoding, opts, hw.cols)
     top = 2**opts.weight_bits - 1
     per_channel = opts.weight_scale == "channel"
     layers = []
@@ -59,6 +60,18 @@ def encoding_for(options) -> Encoding:
     """The encoding the compile options ask for (one slice in ideal mode)."""
     slices = 1 if options.ideal else math.ceil(options.weight_bits / options.cell_bits)
     return make_encoding(options.encoding, slices, options.cell_bits)
+
+
+def _check_fits(encoding: Encoding, opts, cols: int) -> None:
+    """A crossbar must hold at least one output: its columns and the shared ones, every slice."""
+    needed = encoding.columns_used(1)
+    if cols < needed:
+        slices = slices_of(encoding)
+        raise XCompileError(
+            f"a crossbar of {cols} columns cannot hold one output: the {encoding.name} encoding with {slices} "
+            f"slice(s) of {opts.cell_bits} bit(s) needs {needed} columns; give cols >= {needed}"
+            + (" or more bits per cell (cell_bits)" if slices > 1 else "")
+        )
 
 
 def make_encoding(name: str, slices: int = 1, cell_bits: int = 8) -> Encoding:

@@ -12,6 +12,7 @@ import dataclasses
 import networkx as nx
 import numpy as np
 
+from xcompile.errors import XCompileError
 from xcompile.ir import Layer, PassResult, Program, Tiling, frozen_array
 
 NAME = "tile"
@@ -25,6 +26,8 @@ def run(program: Program, progress=None) -> PassResult:
         if layer.encoding is None:
             raise ValueError(f"layer '{layer.name}': tiling needs an encoding first")
         tiling = _tile(layer, hw.rows, layer.encoding.outputs_per_tile(hw.cols), next_crossbar, hw.cols)
+        if tiling.count == 0 and layer.weight.size > 0:
+            raise XCompileError(f"layer '{layer.name}': its {layer.rows_in} x {layer.outputs} weights fit on no {hw.rows} x {hw.cols} tile")
         next_crossbar += tiling.count
         layers.append(dataclasses.replace(layer, tiling=tiling))
         _add_layer(graph, layers[-1])

@@ -78,11 +78,12 @@ def conv_transpose_geometry(in_shape, geometry) -> tuple[list[int], list[int]]:
     output_shape = geometry["output_shape"][-rank:] if geometry["output_shape"] else None
     auto_pad = geometry["auto_pad"]
     if output_shape is None and auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        output_shape = [i * s for i, s in zip(in_shape, strides)]
+        # as ONNX Runtime: the padding is never negative, the output never larger than full
+        output_shape = [f - max(0, f - i * s) for f, i, s in zip(full, in_shape, strides)]
     if output_shape is not None:
         begin = []
         for f, o in zip(full, output_shape):
-            total = f - o
+            total = max(0, f - o)  # ONNX Runtime pads by >= 0; a larger output_shape is zeros at the end
             begin.append(total - total // 2 if auto_pad != "SAME_UPPER" else total // 2)
         return begin, list(output_shape)
     pads = [0] * (2 * rank) if auto_pad == "VALID" else geometry["pads"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections import ChainMap
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -185,7 +186,10 @@ class Session:
         env = self._check_feeds(input_feed)
         fused = self._fused_session()
         if fused is not None:
-            return fused.run(names, env, run_options)
+            try:
+                return fused.run(names, env, run_options)
+            except Exception:  # ONNX Runtime's own exception types: the step path says which node and why
+                pass
         self._plan.run(env, set(names), self._layers, run_options)
         return [self._plan.value(env, n) for n in names]
 
@@ -197,8 +201,10 @@ class Session:
         if self._fused is None:
             layers = {i: (r.layer, r.crossbar.weights, r.crossbar.bias) for i, r in self._layers.items()}
             model = fused_model(self.program.graph, layers)
+            options = ort.SessionOptions()
+            options.log_severity_level = 4  # a failed run falls back to the step path, which explains it
             try:
-                self._fused = False if model is None else ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+                self._fused = False if model is None else ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
             except (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidGraph,
                     ort.capi.onnxruntime_pybind11_state.InvalidArgument, ort.capi.onnxruntime_pybind11_state.NotImplemented):
                 self._fused = False  # e.g. a layer fed float64 or integers: the step path handles every type
@@ -245,23 +251,44 @@ class _LayerRunner:
         layer, geometry = self.layer, self.layer.geometry
         x = np.asarray(x)
         dtype = x.dtype if np.issubdtype(x.dtype, np.floating) else np.float32
+        where = f"node '{layer.node_name or layer.name}' ({layer.op_type})"
+        if x.ndim < (3 if layer.kind != "dense" else 1):
+            raise XCompileError(f"{where}: its input has shape {list(x.shape)}, too few dimensions")
         if layer.kind == "dense":
             rows, info = digital.dense_input(x, geometry)
+            self._check_width(rows, where, x)
             self._record(rows)
             y = digital.dense_output(self._forward(rows), info, geometry)
         elif layer.kind == "conv":
-            rows, out_shape = digital.im2col(x, geometry)
+            try:
+                rows, out_shape = digital.im2col(x, geometry)
+            except ValueError as exc:  # a kernel larger than the padded input
+                raise XCompileError(f"{where}: input of shape {list(x.shape)}: {exc}") from None
+            self._check_width(rows, where, x)
             self._record(rows)
             y = digital.conv_output(self._forward(rows), x.shape[0], out_shape)
         else:
+            out_shape = digital.conv_transpose_geometry(x.shape[2:], geometry)[1]
+            if any(d <= 0 for d in out_shape):
+                raise XCompileError(f"{where}: an input of shape {list(x.shape)} gives an output of spatial shape {out_shape}, sizes must be >= 1")
             rows = np.moveaxis(x, 1, -1).reshape(-1, x.shape[1])
+            self._check_width(rows, where, x)
             self._record(rows)
             cols = self._forward(rows, add_bias=False)
             y = digital.col2im(cols, x.shape[0], x.shape[2:], geometry, geometry["channels_out"])
             if layer.bias is not None:
                 y = y + layer.bias.reshape((1, -1) + (1,) * geometry["rank"])
-        return np.ascontiguousarray(y, dtype=dtype)
+        return np.require(y, dtype, "C")  # ascontiguousarray would make a 0-d result 1-d
 
+
+    def _check_width(self, rows: np.ndarray, where: str, x: np.ndarray) -> None:
+        """Input vectors must be as long as the weights have rows (a shape ONNX could not check
+        before run time, e.g. after Flatten with axis 0 on a batch)."""
+        if rows.shape[1] != self.layer.rows_in:
+            raise XCompileError(
+                f"{where}: its input of shape {list(x.shape)} gives vectors of {rows.shape[1]} values, "
+                f"the weights take {self.layer.rows_in}"
+            )
 
     def _record(self, rows: np.ndarray) -> None:
         if self.recorder is not None:
@@ -383,8 +410,21 @@ class _Segment:
         key = tuple((type(v).__name__, getattr(v, "dtype", None), getattr(v, "ndim", None)) for v in values)
         session = self._sessions.get(key)
         if session is None:
-            session = self._sessions[key] = self._build(values)
-        return session.run(self.outputs, dict(zip(self.inputs, values)), run_options)
+            try:
+                session = self._build(values)
+            except XCompileError:
+                raise
+            except Exception as exc:  # ONNX Runtime's own exception types
+                raise XCompileError(f"ONNX Runtime cannot load the digital ops {self._ops()}: {_ort_message(exc)}") from None
+            self._sessions[key] = session
+        try:
+            return session.run(self.outputs, dict(zip(self.inputs, values)), run_options)
+        except Exception as exc:  # ONNX Runtime's own exception types
+            raise XCompileError(f"ONNX Runtime failed {_ort_message(exc)}") from None
+
+    def _ops(self) -> str:
+        names = [f"'{n.name}' ({n.op_type})" if n.name else n.op_type for n in self._nodes[:3]]
+        return ", ".join(names) + (f" and {len(self._nodes) - 3} more" if len(self._nodes) > 3 else "")
 
     def _build(self, values: list) -> ort.InferenceSession:
         used = {name for node in self._nodes for name in _reads(node)}
@@ -397,7 +437,7 @@ class _Segment:
         model = helper.make_model(sub, opset_imports=opsets, ir_version=self._model.ir_version)
         model.functions.extend(self._model.functions)
         options = ort.SessionOptions()
-        options.log_severity_level = 3
+        options.log_severity_level = 4  # its errors are raised as XCompileError, not logged as well
         # ORT's pool would otherwise spin after each segment and fight the crossbar kernels' cores
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
@@ -409,6 +449,19 @@ class _Segment:
         if name in self._types:
             return helper.make_value_info(name, self._types[name])
         raise XCompileError(f"cannot pass value '{name}' of type {type(value).__name__} between runtime segments")
+
+
+def _ort_message(exc: Exception) -> str:
+    """ONNX Runtime's error on one line, without its status prefix and source locations:
+    'running node 'NAME' (OP): what went wrong' when it names the node."""
+    text = " ".join(str(exc).split())
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+    text = re.sub(r"/onnxruntime_src/\S+ [^\n]*?\) ", "", text)
+    found = re.match(r"Non-zero status code returned while running (\w+) node\. Name:'([^']*)' Status Message: (.*)", text)
+    if found:
+        op, name, message = found.groups()
+        text = f"running node '{name}' ({op}): {message}"
+    return text[:500]
 
 
 def _runtime_hardware(program: Program, hardware, options: dict) -> Hardware:

@@ -137,7 +137,7 @@ def test_interrupted_overwrite_keeps_the_old_file(mapping, saved, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(zipfile.ZipFile, "writestr", fail)
-    with pytest.raises(OSError):
+    with pytest.raises(xcompile.XCompileError, match="disk full"):
         mapping.save(saved)
     assert saved.read_bytes() == before
     assert [p.name for p in saved.parent.iterdir()] == [saved.name]

@@ -144,8 +144,17 @@ def _truncated(path):
         ("cnn", ["--encoding", "quaternary"], "encoding"),
         ("cnn", ["--hardware", "HW"], "colums"),
         ("cnn", ["--hardware", "missing.toml"], "does not exist"),
+        ("cnn", ["--hardware", "."], "not a file"),
+        ("cnn", ["--hardware", "BADTOML"], "not valid TOML"),
+        ("cnn", ["--cols", "2", "--cell-bits", "4"], "needs 4 columns"),
+        ("cnn", ["--cols", "3", "--encoding", "offset", "--cell-bits", "1"], "needs 16 columns"),
+        ("cnn", ["--cols", "2", "--encoding", "acm", "--cell-bits", "4"], "needs 4 columns"),
+        ("cnn", ["--rows", "65536", "--cols", "65536"], "GiB limit"),
+        ("cnn", ["--no-such-flag"], "--no-such-flag"),
+        (lambda p: onnx.save(model([helper.make_node("Relu", ["x"], ["y"])], [tensor("x", [1, 4])], [tensor("y", [1, 4])]), p), [], "nothing to map"),
     ],
-    ids=["missing", "text-file", "truncated", "dynamic-weight", "channel-mismatch", "rows-0", "bits-0", "cell-over-weight", "encoding", "hardware-key", "hardware-missing"],
+    ids=["missing", "text-file", "truncated", "dynamic-weight", "channel-mismatch", "rows-0", "bits-0", "cell-over-weight", "encoding", "hardware-key", "hardware-missing",
+         "hardware-dir", "hardware-bad-toml", "narrow-dual", "narrow-offset", "narrow-acm", "absurd-size", "unknown-flag", "no-weights"],
 )
 def test_bad_compile_input_is_one_clear_line_exit_2_and_no_output(tmp_path, cnn_path, make, args, message):
     source = tmp_path / "model.onnx"
@@ -155,7 +164,9 @@ def test_bad_compile_input_is_one_clear_line_exit_2_and_no_output(tmp_path, cnn_
         make(source)
     hw = tmp_path / "hw.toml"
     hw.write_text("[hardware]\nrows = 64\ncolums = 64\n")
-    args = [str(hw) if a == "HW" else str(tmp_path / a) if a.endswith(".toml") else a for a in args]
+    (tmp_path / "bad.toml").write_bytes(b"rows = [1,\xff")
+    subst = {"HW": str(hw), "BADTOML": str(tmp_path / "bad.toml"), ".": str(tmp_path)}
+    args = [subst[a] if a in subst else str(tmp_path / a) if a.endswith(".toml") else a for a in args]
     out = tmp_path / "out.bin"
     result = subprocess.run(
         [sys.executable, "-m", "xcompile.cli", str(source), "-o", str(out), *args], capture_output=True, text=True
@@ -201,3 +212,170 @@ def test_bad_run_and_inspect_input(tmp_path, compiled, args, message, capsys):
 def test_python_api_rejects_unknown_options():
     with pytest.raises(xcompile.XCompileError, match="crossbar_size"):
         xcompile.compile_model(small_cnn(), crossbar_size=64)
+
+
+def test_a_bug_is_one_line_asking_for_a_report_exit_1(compiled, monkeypatch, capsys):
+    import xcompile.cli as cli
+
+    def broken(args):
+        raise KeyError("layer")
+
+    monkeypatch.setattr(cli, "_inspect", broken)
+    assert main(["inspect", str(compiled)]) == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and "internal error: KeyError" in lines[0] and "please report" in lines[0] and "--debug" in lines[0]
+    assert main(["--debug", "inspect", str(compiled)]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "in broken" in err and err.splitlines()[-1].startswith("xcompile: internal error")
+
+
+def test_debug_flag_after_the_command_and_with_the_compile_shorthand(cnn_path, tmp_path, capsys):
+    assert main([str(cnn_path), "-o", str(tmp_path / "m.bin"), "--cols", "2", "--cell-bits", "4", "--debug"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.splitlines()[-1].startswith("xcompile: error: a crossbar of 2 columns")
+
+
+# A save interrupted by a signal: the process signals itself from inside the zip writer, so the
+# signal lands mid-save every time; then the folder must hold nothing but the model.
+_SIGNAL_MID_SAVE = """
+import os, signal, sys, zipfile
+from xcompile.cli import main
+write = zipfile.ZipFile.writestr
+def interrupted(self, *args, **kwargs):
+    write(self, *args, **kwargs)
+    os.kill(os.getpid(), getattr(signal, sys.argv[1]))
+zipfile.ZipFile.writestr = interrupted
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("signal_name, code, message", [("SIGTERM", 130, "interrupted"), ("SIGINT", 130, "interrupted")])
+def test_a_signal_mid_save_exits_cleanly_and_leaves_no_partial_file(cnn_path, tmp_path, signal_name, code, message):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    result = subprocess.run(
+        [sys.executable, "-c", _SIGNAL_MID_SAVE, signal_name, str(cnn_path), "-o", str(folder / "m.bin"), "-q"],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == code, result.stderr
+    assert result.stderr.strip() == f"xcompile: {message}"
+    assert list(folder.iterdir()) == []
+
+
+def test_sigterm_during_a_real_compile_leaves_no_partial_file(tmp_path):
+    """SIGTERM from outside, once the output's temporary file exists (a model big enough to take
+    a moment to write): exit 130 as for Ctrl-C and nothing left in the folder."""
+    import signal
+    import time
+
+    from builders import dense
+
+    onnx.save(dense(2000, 2000), tmp_path / "big.onnx")
+    folder = tmp_path / "out"
+    folder.mkdir()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "xcompile.cli", str(tmp_path / "big.onnx"), "-o", str(folder / "m.bin"), "-q", "--rows", "64", "--cols", "64"],
+        stderr=subprocess.PIPE, text=True,
+    )
+    while process.poll() is None and not list(folder.iterdir()):
+        time.sleep(0.002)
+    process.send_signal(signal.SIGTERM)
+    err = process.communicate(timeout=120)[1]
+    seen_partial = process.returncode == 130
+    assert process.returncode in (0, 130), err  # 0 only if the save finished before the signal
+    assert [p.name for p in folder.iterdir()] == ([] if seen_partial else ["m.bin"])
+    if seen_partial:
+        assert err.strip() == "xcompile: interrupted"
+
+
+def test_disk_full_during_save_is_one_line_naming_the_file(cnn_path, tmp_path):
+    """A file-size limit makes the kernel refuse writes past 8 kB, as a full disk would."""
+    import resource
+    import signal
+
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 13, 1 << 13))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails instead of killing
+
+    folder = tmp_path / "out"
+    folder.mkdir()
+    out = folder / "m.bin"
+    result = subprocess.run(
+        [sys.executable, "-m", "xcompile.cli", str(cnn_path), "-o", str(out), "-q", "--rows", "16", "--cols", "16"],
+        capture_output=True, text=True, preexec_fn=limit_file_size,
+    )
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"xcompile: error: cannot write '{out}'"), result.stderr
+    assert list(folder.iterdir()) == []
+
+
+def _dense_graph(nodes, inputs, outputs, k=8, n=4, extra=(), opset=17):
+    w = numpy_helper.from_array(np.random.default_rng(0).normal(size=(k, n)).astype(np.float32), "w")
+    return model(nodes, inputs, outputs, [w, *extra], opset=opset)
+
+
+def _opset_99():
+    return _dense_graph([helper.make_node("Gemm", ["x", "w"], ["y"], name="fc")], [tensor("x", ["N", 8])], [tensor("y", ["N", 4])], opset=99)
+
+
+def _custom_op():
+    nodes = [helper.make_node("Gemm", ["x", "w"], ["h"], name="fc"), helper.make_node("Bar", ["h"], ["y"], domain="com.foo", name="bar")]
+    m = _dense_graph(nodes, [tensor("x", ["N", 8])], [tensor("y", ["N", 4])])
+    m.opset_import.append(helper.make_opsetid("com.foo", 1))
+    return m
+
+
+def _gemm_bias_7_for_4_outputs():
+    b = numpy_helper.from_array(np.ones(7, np.float32), "b")
+    return _dense_graph([helper.make_node("Gemm", ["x", "w", "b"], ["y"], name="fc")], [tensor("x", ["N", 8])], [tensor("y", ["N", 4])], extra=[b])
+
+
+def _flatten_axis_0():
+    nodes = [helper.make_node("Flatten", ["x"], ["f"], axis=0), helper.make_node("Gemm", ["f", "w"], ["y"], name="fc")]
+    return _dense_graph(nodes, [tensor("x", ["N", 8])], [tensor("y", [1, 4])])
+
+
+def _kernel_over_input():
+    w = numpy_helper.from_array(np.ones((2, 1, 5, 5), np.float32), "w")
+    return model([helper.make_node("Conv", ["x", "w"], ["y"], name="conv")], [tensor("x", ["N", 1, 3, 3])], [tensor("y", ["N", 2, None, None])], [w])
+
+
+def _k_zero():
+    w = numpy_helper.from_array(np.zeros((0, 4), np.float32), "w")
+    return model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], [tensor("x", ["N", 0])], [tensor("y", ["N", 4])], [w])
+
+
+def _reshape_at_run_time():
+    s = numpy_helper.from_array(np.array([3, -1], np.int64), "s")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"), helper.make_node("Reshape", ["h", "s"], ["y"], name="reshape")]
+    return _dense_graph(nodes, [tensor("x", ["N", 8])], [tensor("y", [3, None])], extra=[s])
+
+
+@pytest.mark.parametrize(
+    "make, batch, stage, message",
+    [
+        (_opset_99, (2, 8), "compile", "opset 99"),
+        (_custom_op, (2, 8), "compile", "node 'bar' uses operator 'Bar' of domain 'com.foo'"),
+        (_gemm_bias_7_for_4_outputs, (2, 8), "compile", "node 'fc' (Gemm): the bias C has shape [7]"),
+        (_flatten_axis_0, (2, 8), "run", "node 'fc' (Gemm): its input of shape [1, 16] gives vectors of 16 values, the weights take 8"),
+        (_kernel_over_input, (2, 1, 3, 3), "compile", "node 'conv' (Conv): the kernel spans [5, 5], more than the padded input [3, 3]"),
+        (_k_zero, (2, 0), "compile", "node 'mm' (MatMul): the weight is empty"),
+        (_reshape_at_run_time, (2, 8), "run", "ONNX Runtime failed running node 'reshape' (Reshape)"),
+    ],
+    ids=["opset-99", "custom-op", "gemm-bias", "flatten-axis-0", "kernel-over-input", "k-0", "reshape"],
+)
+def test_models_onnxruntime_refuses_are_one_line_exit_2_at_compile_or_run(tmp_path, make, batch, stage, message):
+    m = make()
+    onnx.save(m, tmp_path / "m.onnx")
+    np.save(tmp_path / "x.npy", np.ones(batch, np.float32))
+    if make is not _k_zero:  # ONNX Runtime refuses these too, at load or at run (K = 0 it runs to zeros)
+        with pytest.raises(Exception):
+            ort.InferenceSession(m.SerializeToString()).run(None, {"x": np.ones(batch, np.float32)})
+    commands = {"compile": [str(tmp_path / "m.onnx"), "-o", str(tmp_path / "m.bin"), "-q"], "run": ["run", str(tmp_path / "m.bin"), "-i", str(tmp_path / "x.npy")]}
+    if stage == "run":
+        xcompile.compile_model(m, progress=False).save(tmp_path / "m.bin")
+    result = subprocess.run([sys.executable, "-m", "xcompile.cli", *commands[stage]], capture_output=True, text=True)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [result.stderr.strip()] and result.stderr.startswith("xcompile: error:")
+    assert message in result.stderr, result.stderr

@@ -1,14 +1,21 @@
 """The `xcompile` command: compile (default), inspect, run.
 
-Bad input is one line on stderr and exit code 2; nothing is half-written.
+One boundary for every failure (docs/errors.md): bad input is one line on stderr
+and exit code 2; anything else is a bug, one line asking for a report and exit code 1 (the
+traceback with `--debug`); Ctrl-C and SIGTERM exit 130, after the temporary files of an
+unfinished output are removed. Nothing is half-written.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
+import threading
 import time
+import traceback
 import warnings
 from pathlib import Path
 
@@ -43,6 +50,9 @@ HARDWARE_FLAGS = (
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    cut = argv.index("--") if "--" in argv else len(argv)
+    debug = "--debug" in argv[:cut]  # a global flag, before or after the command
+    argv = [a for a in argv[:cut] if a != "--debug"] + argv[cut:]
     if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
         argv.insert(0, "compile")  # `xcompile model.onnx -o mapping.bin`
     parser = _parser()
@@ -51,27 +61,76 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     warnings.showwarning = _show_warning
+    restore = _handle_sigterm()
     try:
         return args.handler(args)
     except XCompileError as exc:
-        print(f"xcompile: error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(f"error: {exc}", 2, debug)
     except KeyboardInterrupt:
-        print("xcompile: interrupted", file=sys.stderr)
-        return 130
+        return _fail("interrupted", 130, debug)
+    except BrokenPipeError:  # `xcompile inspect m.bin | head`: the reader left, nothing to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except MemoryError:
+        return _fail("error: out of memory (a smaller batch, model or crossbar may fit)", 2, debug)
+    except Exception as exc:  # a bug: say so in one line, the traceback only when asked
+        where = "" if debug else "; rerun with --debug for the traceback"
+        return _fail(f"internal error: {type(exc).__name__}: {_one_line(exc)} (please report{where})", 1, debug)
+    finally:
+        restore()
+
+
+def _fail(message: str, code: int, debug: bool) -> int:
+    if debug:
+        traceback.print_exc()
+    print(f"xcompile: {_one_line(message)}", file=sys.stderr)
+    return code
+
+
+def _one_line(message) -> str:
+    return " ".join(str(message).split())
+
+
+_MAIN_PID = os.getpid()
+
+
+def _raise_terminated(signum, frame) -> None:
+    if os.getpid() != _MAIN_PID:  # a forked child inherited the handler: die as SIGTERM asks
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+    raise KeyboardInterrupt  # like Ctrl-C, so that cleanup (`atomic_output`) runs on the way out
+
+
+def _handle_sigterm():
+    """Turn SIGTERM into KeyboardInterrupt (possible on the main thread only); return what undoes it."""
+    global _MAIN_PID
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    _MAIN_PID = os.getpid()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    return lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     print(f"xcompile: warning: {message}", file=sys.stderr)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error on one line like every other error."""
+
+    def error(self, message: str):
+        self.exit(2, f"xcompile: error: {_one_line(message)} (see '{self.prog} --help')\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="xcompile",
         description="Compile ONNX models onto resistive crossbars, inspect the mapping, run it.",
         epilog="`xcompile MODEL.onnx -o mapping.bin` is short for `xcompile compile MODEL.onnx -o mapping.bin`.",
     )
-    sub = parser.add_subparsers(dest="command")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
 
     p = sub.add_parser("compile", help="compile an ONNX model into mapping.bin")
     p.add_argument("model", help="ONNX model file")
@@ -94,6 +153,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--stuck-fraction", type=float, help="bit stucking: share p of changed cells rewritten in the stuck slices (default 1)")
     p.add_argument("--stuck-slices", type=int, help="bit stucking: the k lowest-order slice columns it applies to (default 0)")
     p.add_argument("--seed", type=int, help="seed of random compile decisions (which cells bit stucking rewrites; default 0)")
+    p.add_argument("--allow-empty", action="store_true", help="compile a model with no weights to map (else an error)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary line")
     p.add_argument("--strict", action="store_true", help="a weight-bearing op left digital is an error, not a warning")
     p.add_argument("--allow-empty", action="store_true", help="compile a model that has nothing to map onto crossbars")

@@ -29,6 +29,18 @@ ADC_RANGES = ("fixed", "calibrated", "per_column")
 INPUT_MODES = ("analog", "bit_serial")
 COMPENSATIONS = ("none", "column", "row-column", "predistort")
 WEIGHT_SCALES = ("layer", "channel")
+MAX_HARDWARE_FILE_BYTES = 1 << 20  # a hardware description is a few lines
+
+
+MAX_TILE_BYTES = 2 << 30  # memory one tile may take to program (see tile_bytes)
+
+
+def tile_bytes(rows: int, cols: int) -> int:
+    """Memory (bytes) the runtime takes at most to program one rows x cols tile: the wire
+    network's nested-dissection solve keeps about 3.4 (rows + cols + min(rows, cols))^2 float64
+    entries (runtime/physics.py; 28 bytes per entry bounds it), and the cell levels, drawn
+    conductances and G_eff take 24 bytes per cell."""
+    return 28 * (rows + cols + min(rows, cols)) ** 2 + 24 * rows * cols
 
 
 @dataclass(frozen=True)
@@ -67,6 +79,11 @@ class Hardware:
             _whole(f"hardware option '{name}'", getattr(self, name), 1, 1 << 16)
         if self.cols < 2:
             raise XCompileError(f"hardware option 'cols' must be >= 2 (a signed weight needs two columns), got {self.cols}")
+        if tile_bytes(self.rows, self.cols) > MAX_TILE_BYTES:
+            raise XCompileError(
+                f"a {self.rows} x {self.cols} crossbar needs about {tile_bytes(self.rows, self.cols) / 2**30:.1f} GiB to "
+                f"program one tile, more than the {MAX_TILE_BYTES >> 30} GiB limit (e.g. 2048 x 2048 fits; docs/hardware.md)"
+            )
         for name in ("g_on", "g_off", "v_read"):
             _positive_finite(f"hardware option '{name}'", getattr(self, name))
         if self.g_off >= self.g_on:
@@ -290,23 +307,29 @@ def hardware_from(source: Hardware | dict | str | Path) -> Hardware:
         return Hardware(**PRESETS[source])
     if isinstance(source, (str, Path)):
         path = Path(source)
-        try:
-            data = tomllib.loads(path.read_text())
-        except FileNotFoundError:
+        if not path.exists():
             if isinstance(source, str) and path.suffix == "" and len(path.parts) == 1:
                 raise XCompileError(
                     f"unknown hardware preset {source!r}; presets: {', '.join(PRESETS)} (`xcompile presets` shows their "
                     "values), or give a TOML file"
-                ) from None
-            raise XCompileError(f"hardware file '{path}' does not exist (presets: {', '.join(PRESETS)})") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+                )
+            raise XCompileError(f"hardware file '{path}' does not exist (presets: {', '.join(PRESETS)})")
+        if not path.is_file():
+            raise XCompileError(f"hardware file '{path}' is not a file, expected a TOML file")
+        if path.stat().st_size > MAX_HARDWARE_FILE_BYTES:
+            raise XCompileError(f"hardware file '{path}' is {path.stat().st_size} bytes, more than a hardware description's {MAX_HARDWARE_FILE_BYTES}")
+        try:
+            data = tomllib.loads(path.read_text())
+        except OSError as exc:
+            raise XCompileError(f"hardware file '{path}' cannot be read: {exc.strerror or exc}") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as exc:
             raise XCompileError(f"hardware file '{path}' is not valid TOML: {exc}") from None
         source = data.get("hardware", data)
     if not isinstance(source, dict):
         raise XCompileError(f"hardware must be a Hardware, a dict or a TOML path, got {type(source).__name__}")
     values = dict(source)
     preset = values.pop("preset", None)
-    if preset is not None and preset not in PRESETS:
+    if preset is not None and (not isinstance(preset, str) or preset not in PRESETS):
         raise XCompileError(f"unknown hardware preset {preset!r}; presets: {', '.join(PRESETS)}")
     values = {**PRESETS.get(preset, {}), **_resistance_form(values)}
     known = {f.name for f in fields(Hardware)}

@@ -19,7 +19,10 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
         raise XCompileError(f"output '{target}' is a directory, expected a file name")
     if not target.parent.exists():
         raise XCompileError(f"output folder '{target.parent}' does not exist")
-    fd, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial" + target.suffix)
+    try:
+        fd, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial" + target.suffix)
+    except OSError as exc:
+        raise XCompileError(f"cannot write '{target}': {exc.strerror or exc}") from None
     os.close(fd)
     try:
         yield Path(temp)
@@ -27,7 +30,10 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
             os.fsync(handle.fileno())
         os.chmod(temp, 0o666 & ~_umask())  # mkstemp makes it owner-only; give it an ordinary file's mode
         os.replace(temp, target)
-    except BaseException:
+    except OSError as exc:  # a full disk, a quota, a folder gone: the output is not written
+        Path(temp).unlink(missing_ok=True)
+        raise XCompileError(f"cannot write '{target}': {exc.strerror or exc}") from None
+    except BaseException:  # including Ctrl-C and SIGTERM (the CLI raises it as an exception)
         Path(temp).unlink(missing_ok=True)
         raise
 

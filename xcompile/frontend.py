@@ -21,12 +21,12 @@ import onnx
 import onnx.version_converter
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
-from google.protobuf.message import DecodeError
 from onnxscript.optimizer import fold_constants
 
 from xcompile.coverage import CONTROL_FLOW, REASON_KEY, WEIGHT_OPERANDS, Unsupported
 from xcompile.frontend_quant import INTEGER_KEY, SOURCE_KEY, lower_quantized, subgraphs
 from xcompile.frontend_recurrent import RECURRENT_OPS, build_recurrent
+from xcompile import checks
 from xcompile.errors import XCompileError
 from xcompile.ir import CUSTOM_DOMAIN, MVM_OP, Layer, frozen_array
 
@@ -37,9 +37,10 @@ _NO_LIMIT = 1 << 62
 
 
 def load_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
-    """Read and check an ONNX model (external data resolved next to the file)."""
+    """Read and check an ONNX model (external data read from beside the file: xcompile/checks.py)."""
     if isinstance(source, onnx.ModelProto):
         model, where = source, "the model"
+        checks.refuse_external_data(model, where)
     else:
         path = Path(source)
         where = f"'{path}'"
@@ -47,12 +48,7 @@ def load_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
             raise XCompileError(f"model file {where} does not exist")
         if path.is_dir():
             raise XCompileError(f"model file {where} is a directory, expected an .onnx file")
-        try:
-            model = onnx.load(str(path))
-        except (DecodeError, RuntimeError, ValueError, OSError) as exc:
-            raise XCompileError(f"{where} is not a readable ONNX model: {_first_line(exc)}") from None
-        except Exception as exc:  # protobuf raises several unrelated types on garbage
-            raise XCompileError(f"{where} is not a readable ONNX model: {_first_line(exc)}") from None
+        model = checks.read_model(path, where)
     if not model.HasField("graph") or model.ir_version < 3:
         raise XCompileError(f"{where} is not an ONNX model (no graph or IR version {model.ir_version})")
     model = _with_output_types(model)
@@ -60,6 +56,7 @@ def load_model(source: str | os.PathLike | onnx.ModelProto) -> onnx.ModelProto:
         onnx.checker.check_model(_without_untyped_outputs(model))
     except (onnx.checker.ValidationError, ValueError) as exc:
         raise XCompileError(f"{where} is not a valid ONNX model: {_first_line(exc)}") from None
+    checks.check_operators(model, where)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     if opset is None:
         raise XCompileError(f"{where} imports no default ONNX opset")
@@ -125,6 +122,7 @@ def extract_layers(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Layer]
     )
     _fold_with_onnxruntime(model_ir)
     lower_quantized(model_ir.graph)
+    checks.check_finite_weights(model_ir.graph)  # after lowering: dequantised weights are checked too
 
     layers: list[Layer] = []
     _extract(model_ir.graph, layers, set())
@@ -286,9 +284,14 @@ def _build_layer(node: ir.Node, index: int, name: str):
         cval = _const(c)
         n_out = weight.shape[1]
         if cval is not None and not geometry["weight_left"] and cval.size in (1, n_out) and cval.ndim <= 2 and (cval.ndim < 2 or cval.shape[0] == 1):
-            bias = np.broadcast_to(cval.reshape(-1) * np.float32(beta), (n_out,)).astype(np.float32)
+            if beta != 0:  # beta 0: C is not read (ONNX Runtime: a NaN in it stays out of Y)
+                bias = np.broadcast_to(cval.reshape(-1) * np.float32(beta), (n_out,)).astype(np.float32)
         else:
-            digital_bias = (c, float(beta))
+            x_shape = _static_shape(x)
+            x_size = None if x_shape is None or len(x_shape) != 2 else x_shape[0 if geometry["transpose_input"] == geometry["weight_left"] else 1]
+            y_shape = (n_out, x_size) if geometry["weight_left"] else (x_size, n_out)
+            known = checks.check_gemm_bias(where, list(cval.shape) if cval is not None else _static_shape(c), y_shape)
+            digital_bias = (c, float(beta), known)
     return _layer(index, name, node, "dense", geometry, weight[None].astype(np.float32), bias, x), digital_bias
 
 
@@ -326,6 +329,7 @@ def _conv_layer(node, where, weight, bias, x_shape):
     }
     if any(len(geometry[k]) != n for k, n in (("strides", rank), ("dilations", rank), ("pads", 2 * rank))):
         raise XCompileError(f"{where}: strides, dilations and pads must have {rank}, {rank} and {2 * rank} entries")
+    checks.check_conv_window(where, node.op_type, geometry, x_shape)
     kprod = int(np.prod(geometry["kernel"]))
     if node.op_type == "Conv":
         cout, cin_g = weight.shape[:2]
@@ -390,16 +394,31 @@ def _replace_with_mvm(graph: ir.Graph, node: ir.Node, layer: Layer, digital_bias
     new_nodes = [mvm]
     result = mvm.outputs[0]
     if digital_bias is not None:  # a Gemm C that is not one bias per output stays an ONNX Add
-        c, beta = digital_bias
-        if beta != 1.0:
+        c, beta, known = digital_bias
+        if beta == 0.0:  # C is not read, only its shape (ONNX Runtime: a NaN in it stays out of Y)
+            shape = ir.node("Shape", [c], name=f"xcompile/{layer.name}/bias_shape")
+            zeros = ir.node("ConstantOfShape", [shape.outputs[0]], {"value": ir.tensor(np.zeros(1, np.float32))}, name=f"xcompile/{layer.name}/no_bias")
+            new_nodes += [shape, zeros]
+            c = zeros.outputs[0]
+        elif beta != 1.0:
             factor = ir.Value(name=f"{layer.name}/beta", const_value=ir.tensor(np.array(beta, dtype=np.float32)))
             graph.register_initializer(factor)
             scaled = ir.node("Mul", [c, factor], name=f"xcompile/{layer.name}/beta")
             new_nodes.append(scaled)
             c = scaled.outputs[0]
+        if not known:  # Add broadcasts both ways, Gemm's C one way: Expand refuses a C that does not
+            # broadcast with Y, the Reshape one that grew Y
+            shape = ir.node("Shape", [result], name=f"xcompile/{layer.name}/output_shape")
+            spread = ir.node("Expand", [c, shape.outputs[0]], name=f"xcompile/{layer.name}/bias_must_broadcast_to_output")
+            new_nodes += [shape, spread]
+            c = spread.outputs[0]
         add = ir.node("Add", [result, c], name=f"xcompile/{layer.name}/bias")
         new_nodes.append(add)
         result = add.outputs[0]
+        if not known:
+            fits = ir.node("Reshape", [result, shape.outputs[0]], name=f"xcompile/{layer.name}/bias_must_not_grow_output")
+            new_nodes.append(fits)
+            result = fits.outputs[0]
     ir.convenience.replace_nodes_and_values(graph, node, [node], new_nodes, [node.outputs[0]], [result])
 
 

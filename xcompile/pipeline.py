@@ -12,6 +12,7 @@ import onnx
 from tqdm.auto import tqdm
 
 from xcompile.artifact import Mapping
+from xcompile.checks import check_layer_has_weights
 from xcompile.config import split_options
 from xcompile.coverage import coverage, describe
 from xcompile.frontend import extract_layers, load_model
@@ -33,7 +34,8 @@ def compile_model(
     calibration: data the data-driven passes measure the model on (remap='dynamic', or
     sensitivity='taylor' / 'perturbation'): 'digits', an .npz with x (and labels y), (x, y) or x.
     strict: a weight-bearing op left digital is an error (else a warning names it).
-    allow_empty: compile a model with no crossbar layer (else an error: nothing would be mapped).
+    allow_empty: compile a model with no crossbar layer (it then runs on ONNX Runtime alone); without
+    it such a model is an error, as it is usually the wrong file.
     """
     compile_options, hardware = split_options(options)
     if compile_options.needs_calibration and calibration is None:
@@ -42,6 +44,8 @@ def compile_model(
     data = Calibration.load(calibration) if compile_options.needs_calibration else None
     model = load_model(source)
     graph, layers, digital = extract_layers(model)
+    for layer in layers:
+        check_layer_has_weights(layer)
     program = Program(
         model=model.SerializeToString(),
         graph=graph,
@@ -94,7 +98,8 @@ def _check_coverage(program: Program, strict: bool, allow_empty: bool) -> None:
     shown += f"; and {len(left) - 5} more (xcompile inspect lists them)" if len(left) > 5 else ""
     if not program.layers and not allow_empty:
         raise XCompileError(
-            "the model has no MVM layer to map onto crossbars"
+            "the model has nothing to map onto crossbars: no MVM layer (Gemm, MatMul, Conv, ConvTranspose, LSTM, GRU, "
+            "RNN or their quantised forms with constant weights)"
             + (f" (left digital: {shown})" if left else "")
             + "; allow_empty (--allow-empty) compiles it anyway"
         )
