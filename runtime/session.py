@@ -315,6 +315,15 @@ def _runtime_hardware(program: Program, hardware, options: dict) -> Hardware:
                 f"hardware option '{name}' is {getattr(hw, name)} but the mapping was compiled for "
                 f"{getattr(program.hardware, name)}: recompile to change the array size"
             )
+    wires = ("r_wire", "r_source", "r_sink")
+    remapped = sorted({layer.notes.get("remap") for layer in program.layers if layer.output_order is not None} - {None})
+    if remapped and any(getattr(hw, name) != getattr(program.hardware, name) for name in wires):
+        warnings.warn(
+            f"remap {', '.join(remapped)} placed the outputs for the compiled wires "
+            f"({', '.join(f'{n} {getattr(program.hardware, n):g}' for n in wires)}); this run uses "
+            f"{', '.join(f'{n} {getattr(hw, n):g}' for n in wires)}: recompile to place for them",
+            stacklevel=3,
+        )
     return hw
 
 

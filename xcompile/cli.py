@@ -83,8 +83,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cell-bits", type=int, help="bits per cell (default 8); weight_bits / cell_bits slices")
     p.add_argument("--encoding", help="signed-weight encoding: dual (default), acm, offset")
     p.add_argument("--acm-fit", help="ACM rows that overflow the cells: scale (default) or clip")
-    p.add_argument("--remap", help="output remapping against line resistance: none (default), static, dynamic, sparse")
-    p.add_argument("--sensitivity", help="how remapping ranks outputs: magnitude (default), taylor, perturbation")
+    p.add_argument("--remap", help="output remapping against line resistance: none (default), static, dynamic (X-CHANGR), chain (ours), sparse")
+    p.add_argument("--sensitivity", help="how remap static / dynamic / chain rank outputs: magnitude (default), taylor, perturbation")
     p.add_argument("--remap-rows", action="store_true", help="remap the inputs (rows) too: heaviest rows nearest the sense end")
     p.add_argument("--calibration", metavar="DATA", help="'digits' or an .npz with x (and labels y): data for remap dynamic / taylor / perturbation")
     p.add_argument("--crossbars", type=int, help="physical crossbars P; fewer than the tiles makes a reprogramming schedule (docs/schedules.md)")
@@ -184,6 +184,8 @@ def _compile(args) -> int:
         if value is not None
     }
     options.update(_hardware_options(args))
+    if args.sensitivity is not None and (args.remap or "none") in ("none", "sparse"):
+        raise XCompileError(f"--sensitivity ranks outputs for --remap static, dynamic or chain; --remap {args.remap or 'none'} does not use it")
     started = time.perf_counter()
     mapping = compile_model(args.model, progress=False if args.quiet else None, calibration=args.calibration, **options)
     mapping.save(args.output)
