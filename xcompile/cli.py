@@ -16,7 +16,7 @@ import numpy as np
 
 from xcompile.errors import XCompileError
 
-COMMANDS = ("compile", "inspect", "run", "eval", "sweep")
+COMMANDS = ("compile", "inspect", "run", "eval", "sweep", "train")
 
 # hardware flags shared by compile, run and eval: (flag, type, help)
 HARDWARE_FLAGS = (
@@ -114,7 +114,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="accuracy: float model vs crossbars over Monte-Carlo trials")
     p.add_argument("mapping", help="mapping file")
-    p.add_argument("--dataset", required=True, help="'digits' (shipped) or an .npz with x (inputs) and y (labels)")
+    p.add_argument("--dataset", required=True, help="'digits' or 'mnist' (shipped) or an .npz with x (inputs) and y (labels)")
     p.add_argument("--trials", type=int, default=1, help="Monte-Carlo trials (seeds seed .. seed+trials-1)")
     p.add_argument("--seed", type=int, default=0, help="first seed")
     p.add_argument("--batch-size", type=int, default=256)
@@ -126,7 +126,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="accuracy over a grid of compile and hardware options, Monte-Carlo trials per point (docs/sweep.md)")
     p.add_argument("model", help="ONNX model file")
     p.add_argument("--grid", required=True, metavar="GRID.toml", help="[grid] option = [values, ...] to sweep, [fixed] option = value")
-    p.add_argument("--dataset", required=True, help="'digits' (shipped) or an .npz with x (inputs) and y (labels)")
+    p.add_argument("--dataset", required=True, help="'digits' or 'mnist' (shipped) or an .npz with x (inputs) and y (labels)")
     p.add_argument("--trials", type=int, default=1, help="Monte-Carlo trials per point (seeds seed .. seed+trials-1)")
     p.add_argument("--seed", type=int, default=0, help="first seed")
     p.add_argument("-o", "--output", required=True, metavar="FOLDER", help="results folder; rerunning the same sweep resumes it")
@@ -137,7 +137,34 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the summary (one record per point) as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=_sweep)
+
+    p = sub.add_parser("train", help="fine-tune an ONNX classifier for crossbars (needs the train extra: torch)")
+    p.add_argument("model", help="ONNX model file (Conv / Gemm / MatMul, ReLU, pooling, Flatten)")
+    p.add_argument("--wct", action="store_true", help="weight-constrained training: more cells at low conductance (docs/training.md)")
+    p.add_argument("--dataset", required=True, help="training data: 'digits' / 'mnist' (their shipped calibration split) or an .npz with x and y")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="the fine-tuned model")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--strength", type=float, default=1.0, help="weight of the low-conductance penalty (0: plain fine-tuning)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(handler=_train)
     return parser
+
+
+def _train(args) -> int:
+    from xcompile.evaluate import BUILTIN_DATASETS, builtin_split, load_dataset
+    from xcompile.fileio import atomic_output
+    from xcompile.train import low_conductance_share, train_wct
+
+    if not args.wct:
+        raise XCompileError("train: choose the method: --wct (weight-constrained training, the only one so far)")
+    x, y = builtin_split(args.dataset, "calib") if args.dataset in BUILTIN_DATASETS else load_dataset(args.dataset)[:2]
+    trained = train_wct(args.model, x, y, epochs=args.epochs, strength=args.strength, seed=args.seed)
+    with atomic_output(args.output) as temp:
+        temp.write_bytes(trained.SerializeToString())
+    shares = low_conductance_share(trained)
+    print(f"wrote {args.output}: {len(shares)} weight tensors, low-conductance share (|w| <= 10% of the layer's max) "
+          + ", ".join(f"{v['low_share']:.0%}" for v in shares.values()))
+    return 0
 
 
 def _hardware_args(p: argparse.ArgumentParser) -> None:
