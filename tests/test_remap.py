@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 import pytest
+from hypothesis import given, settings, strategies as st
 
 import xcompile
 from xcompile.config import Hardware
@@ -286,3 +287,18 @@ def test_row_remapping_puts_heavy_rows_nearest_the_sense_end_and_stays_exact():
     assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
     with pytest.raises(xcompile.XCompileError, match="remap_rows"):
         xcompile.compile_model(model, progress=False, remap_rows=True)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 40).flatmap(lambda n: st.tuples(
+    st.lists(st.floats(0, 10, allow_nan=False), min_size=n, max_size=n),
+    st.lists(st.floats(0.05, 1, allow_nan=False), min_size=n, max_size=n),
+)))
+def test_x_changr_placement_is_a_permutation_that_never_puts_a_more_sensitive_output_at_a_lossier_position(data):
+    from xcompile.passes.remap import _placement
+
+    sensitivity, kept = (np.array(v) for v in data)
+    order = _placement(sensitivity, kept, kept.size)
+    assert sorted(order.tolist()) == list(range(kept.size))
+    placed = sensitivity[order]  # sensitivity of the output at each position
+    assert np.all(placed[:, None] >= placed[None, :], where=kept[:, None] > kept[None, :])
