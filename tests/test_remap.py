@@ -268,6 +268,11 @@ def test_cli_remap_needs_calibration_and_inspect_shows_the_order(tmp_path, capsy
     assert main(["inspect", str(out)]) == 0
     text = capsys.readouterr().out
     assert "remap static (taylor): crossbar output position -> layer output" in text
+    # options the chosen mode does not use: an error for --sensitivity, a warning for --calibration
+    assert main([str(path), "-o", str(out), "--remap", "sparse", "--sensitivity", "magnitude", "-q"]) == 2
+    assert "--remap sparse does not use it" in capsys.readouterr().err
+    assert main([str(path), "-o", str(out), "--remap", "static", "--calibration", str(tmp_path / "cal.npz"), "-q"]) == 0
+    assert "warning: --calibration is used only by" in capsys.readouterr().err
 
 
 def test_row_remapping_puts_heavy_rows_nearest_the_sense_end_and_stays_exact():

@@ -213,6 +213,8 @@ def _compile(args) -> int:
     options.update(_hardware_options(args))
     if args.sensitivity is not None and (args.remap or "none") in ("none", "sparse"):
         raise XCompileError(f"--sensitivity ranks outputs for --remap static, dynamic or chain; --remap {args.remap or 'none'} does not use it")
+    if args.calibration and not (args.remap == "dynamic" or (args.remap not in (None, "none") and args.sensitivity in ("taylor", "perturbation"))):
+        warnings.warn("--calibration is used only by --remap dynamic and by --sensitivity taylor / perturbation; ignored here", stacklevel=2)
     started = time.perf_counter()
     mapping = compile_model(args.model, progress=False if args.quiet else None, calibration=args.calibration, **options)
     mapping.save(args.output)
