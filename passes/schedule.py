@@ -14,10 +14,12 @@ two passes from an erased chip.
   non-zero cells (low-magnitude sections leave the high-order slice columns at zero); each
   round is then placed greedily: every crossbar is offered the tiles near its rank in that
   count (CANDIDATES either side), the exact number of differing cells decides, and the pair
-  with the fewest goes first.
+  with the fewest goes first. The layer's own rows in layer order are simulated too and kept
+  if they write fewer cells: `sorted` never writes more than `layer`.
 - bit stucking (`stuck_slices` k, `stuck_fraction` p): in the k lowest-order slice columns of
   a tile (physical column c holds slice c mod S), each cell that should change is rewritten
-  with probability p, else it keeps its old level. The draws come from `seed` and belong to the
+  with probability p when its crossbar is reprogrammed (a crossbar's first load ever programs
+  every cell), else it keeps its old level. The draws come from `seed` and belong to the
   schedule (every pass repeats them). The stale levels are recorded per layer
   (`Layer.stale_cells`, `stale_levels`) and the runtime computes with them, so the accuracy cost
   is measured.
@@ -56,8 +58,7 @@ def run(program: Program, progress=None) -> PassResult:
         stuck_cells = np.flatnonzero(np.tile(np.arange(program.hardware.cols) % slices < opts.stuck_slices, program.hardware.rows))
     plans = [(program, _layer_loads)]
     if opts.schedule == "sorted":  # sorted sections first; layer order stays a candidate, so sorted never writes more
-        sections = sorted_sections(program)
-        plans = [(sections, _sorted_loads), (sections, _layer_loads), (program, _sorted_loads), (program, _layer_loads)]
+        plans.insert(0, (sorted_sections(program), _sorted_loads))
     best = None
     for candidate, make_loads in plans:
         tiles = _TileTable(candidate.layers)
