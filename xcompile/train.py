@@ -111,6 +111,12 @@ def train_wct(
     tops = {name: float(net.parameters[name].detach().abs().max()) for name in steps.weights}
     masks = {name: net.parameters[name].detach() != 0 for name in steps.weights}
     inputs, labels = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), torch.from_numpy(y.astype(np.int64))
+    try:
+        classes = net(inputs[:1]).shape[-1]
+    except RuntimeError as exc:
+        raise XCompileError(f"train: inputs of shape {list(x.shape)} do not fit the model: {str(exc).splitlines()[0]}") from None
+    if len(labels) == 0 or len(labels) != len(inputs) or labels.min() < 0 or labels.max() >= classes:
+        raise XCompileError(f"train: need as many labels as inputs (> 0), each in 0..{classes - 1}; got {len(labels)} labels for {len(inputs)} inputs")
     for _ in range(epochs):
         order = generator.permutation(len(labels))
         for start in range(0, len(order), batch_size):
