@@ -35,7 +35,6 @@ INSTALL = "training needs PyTorch, an optional extra: pip install 'xcompile[trai
 class Plan:
     """What training will touch: the MVM weights (clamped and penalised) and their biases."""
 
-    model: onnx.ModelProto
     weights: tuple[str, ...]  # initializer names of Conv / Gemm / MatMul weights
     biases: tuple[str, ...]
 
@@ -61,7 +60,7 @@ def plan(model: onnx.ModelProto) -> Plan:
                 biases.append(node.input[2])
     if not weights:
         raise XCompileError("train: the model has no Conv, Gemm or MatMul weights to train")
-    return Plan(model, tuple(dict.fromkeys(weights)), tuple(dict.fromkeys(biases)))
+    return Plan(tuple(dict.fromkeys(weights)), tuple(dict.fromkeys(biases)))
 
 
 def low_conductance_share(model: onnx.ModelProto, names: tuple[str, ...] | None = None) -> dict[str, dict[str, float]]:
