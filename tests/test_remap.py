@@ -14,6 +14,7 @@ from xcompile.passes.remap import kept_current
 from builders import small_cnn
 
 
+@pytest.mark.filterwarnings("ignore:remap .* placed the outputs for the compiled wires")  # run on ideal wires on purpose
 def test_remapped_mapping_still_equals_onnxruntime(tmp_path):
     model = small_cnn(seed=2, channels=20)
     x = np.random.default_rng(0).normal(size=(8, 3, 10, 10)).astype(np.float32)
@@ -152,6 +153,7 @@ def _calibration(n: int = 32, seed: int = 0):
 DATA_MODES = [("static", "taylor"), ("static", "perturbation"), ("chain", "taylor"), ("dynamic", "magnitude"), ("sparse", "magnitude")]
 
 
+@pytest.mark.filterwarnings("ignore:remap .* placed the outputs for the compiled wires")  # run on ideal wires on purpose
 @pytest.mark.parametrize("remap, sensitivity", DATA_MODES)
 def test_every_mode_is_a_permutation_undone_exactly(remap, sensitivity):
     model = small_cnn(seed=4, channels=20)
@@ -275,6 +277,7 @@ def test_cli_remap_needs_calibration_and_inspect_shows_the_order(tmp_path, capsy
     assert "warning: --calibration is used only by" in capsys.readouterr().err
 
 
+@pytest.mark.filterwarnings("ignore:remap .* placed the outputs for the compiled wires")  # run on ideal wires on purpose
 def test_row_remapping_puts_heavy_rows_nearest_the_sense_end_and_stays_exact():
     model = small_cnn(seed=10, channels=12)
     x = _calibration(6, seed=3)
