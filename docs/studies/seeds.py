@@ -101,7 +101,8 @@ def x_changr(lines: list[str]) -> None:
         "| model, hardware | float | drop as mapped (points) | mode | drop (points) | recovered [95% interval] | verdict |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    settings = [("digits_cnn", HARDWARE, "r_wire 2"), ("digits_cnn", {**HARDWARE, "r_wire": 1.0}, "r_wire 1"), ("mnist_cnn", HARDWARE, "r_wire 2")]
+    settings = [("digits_cnn", HARDWARE, "r_wire 2"), ("digits_cnn", {**HARDWARE, "r_wire": 1.0}, "r_wire 1"), ("mnist_cnn", HARDWARE, "r_wire 2"),
+                ("mnist_cnn", {**HARDWARE, "r_wire": 1.0}, "r_wire 1")]
     for model, hardware, label in settings:
         dataset = DATASET[model]
         path = MODELS / f"{model}.onnx"
