@@ -15,7 +15,6 @@ embedding over the sentences (the target: >= 0.99 with >= 3.7x fewer writes than
 from __future__ import annotations
 
 import json
-import sys
 import tempfile
 import time
 import warnings
@@ -25,9 +24,7 @@ import numpy as np
 import onnxruntime as ort
 
 import xcompile
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "docs" / "studies"))
-from seeds import writes_by_slice_and_magnitude  # noqa: E402
+from xcompile.reprogramming import writes_by_slice_and_magnitude
 
 COMPILE = {"weight_bits": 8, "cell_bits": 2, "rows": 128, "cols": 128, "progress": False}
 CROSSBARS = 64

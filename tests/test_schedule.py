@@ -323,3 +323,14 @@ def test_sorted_never_writes_more_than_layer_order(source, options):
         for order in ("layer", "sorted")
     }
     assert writes["sorted"] <= writes["layer"]
+
+
+def test_writes_by_slice_and_magnitude_split_the_layer_schedules_own_count():
+    from xcompile.reprogramming import writes_by_slice_and_magnitude
+
+    mapping = xcompile.compile_model(small_cnn(), progress=False, cell_bits=2, crossbars=3, **SMALL)
+    by_slice, by_magnitude, names = writes_by_slice_and_magnitude(mapping.program, 3)
+    total = int(mapping.program.schedule.writes.sum())
+    assert by_slice.shape == (4,) and len(by_magnitude) == len(names)
+    assert by_slice.sum() == total and by_magnitude.sum() == total
+    assert by_slice[0] > by_slice[-1]  # the low slice of a weight changes more often than its top one

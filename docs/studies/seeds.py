@@ -23,8 +23,7 @@ import onnxruntime as ort
 
 import xcompile
 from xcompile.evaluate import builtin_split
-from xcompile.passes import schedule as schedule_pass
-from xcompile.passes.encode import slices_of
+from xcompile.reprogramming import writes_by_slice_and_magnitude
 from xcompile.runtime.session import Session
 
 HERE = Path(__file__).resolve().parent
@@ -209,33 +208,6 @@ def acm(lines: list[str]) -> None:
     lines += ["", "The column count is exact by construction (tests/test_encodings.py). ACM's outputs are differences of two "
               "large column currents (suffix sums), so a relative programming error on each leaves a large absolute error "
               "on their small difference (docs/encodings.md); ACM-aware scaling or compensation is not tried here.", ""]
-
-
-def writes_by_slice_and_magnitude(program, crossbars: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Cell writes of one steady-state `layer` pass, by slice (0 = lowest) and by the |q| of the
-    weight being written (dual encoding: a weight half's slices sit in S neighbouring columns)."""
-    tiles = schedule_pass._TileTable(program.layers)
-    loads = schedule_pass._layer_loads(tiles, crossbars)
-    hw, encoding = program.hardware, program.layers[0].encoding
-    slices, bits = slices_of(encoding), program.options.cell_bits
-    edges = [0, 1, 4, 16, 64, 256]
-    names = ["0", "1-3", "4-15", "16-63", "64-255"]
-    by_slice, by_magnitude = np.zeros(slices, np.int64), np.zeros(len(names), np.int64)
-    state = np.zeros((crossbars, tiles.cells), dtype=tiles.dtype)
-    for counted in (False, True):
-        for tile, crossbar in zip(loads.tile, loads.crossbar):
-            target = tiles.flat[tile]
-            changed = (state[crossbar] != target).reshape(hw.rows, hw.cols)
-            state[crossbar] = target
-            if not counted:
-                continue
-            levels = target.reshape(hw.rows, hw.cols // slices, slices).astype(np.int64)
-            magnitude = (levels << (bits * np.arange(slices))).sum(axis=2)
-            bucket = np.digitize(magnitude, edges[1:-1])  # [rows, groups]
-            changed = changed.reshape(hw.rows, hw.cols // slices, slices)
-            by_slice += changed.sum(axis=(0, 1))
-            np.add.at(by_magnitude, np.repeat(bucket[:, :, None], slices, axis=2)[changed], 1)
-    return by_slice, by_magnitude, names
 
 
 def sorted_sections(lines: list[str]) -> None:
