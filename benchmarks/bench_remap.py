@@ -9,7 +9,7 @@ part runs the 75%-channel-pruned CNN as mapped and rearranged, next to the unpru
 
     python benchmarks/bench_remap.py                 # prints the table
     python benchmarks/bench_remap.py --write-docs    # also writes docs/studies/remap.{md,png}
-    python benchmarks/bench_remap.py --elsewhere     # static vs none on other models and hardware
+    python benchmarks/bench_remap.py --elsewhere     # static, chain, dynamic vs none on other models and hardware
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ MODES = [
     ("CNN", CNN, "static", "magnitude"),
     ("CNN", CNN, "static", "taylor"),
     ("CNN", CNN, "static", "perturbation"),
+    ("CNN", CNN, "chain", "magnitude"),
     ("CNN", CNN, "dynamic", "magnitude"),
     ("CNN", CNN, "sparse", "magnitude"),
     ("pruned CNN", PRUNED, "none", "magnitude"),
@@ -61,12 +62,15 @@ def measure(seeds: int = SEEDS) -> list[dict]:
 
 
 def elsewhere(seeds: int = SEEDS) -> None:
-    """Static (default sensitivity) against the layer's own order on other models and hardware."""
-    print(f"static vs none elsewhere ({seeds} seeds; 128 x 128, r_wire 2 ohm, sigma 0.05 unless named):")
+    """X-CHANGR static and dynamic, and chain, against the layer's own order on other models and hardware."""
+    print(f"recovery elsewhere ({seeds} seeds; 128 x 128, r_wire 2 ohm, sigma 0.05 unless named):")
     for label, model, changes in ELSEWHERE:
-        none, static = (_run(model, remap, "magnitude", {**HARDWARE, **changes}, seeds) for remap in ("none", "static"))
-        print(f"  {label:<22} drop {100 * none['drop_mean']:6.2f} -> {100 * static['drop_mean']:6.2f} pts  "
-              f"recovery {100 * _recovery(none, static):6.1f}%", flush=True)
+        none = _run(model, "none", "magnitude", {**HARDWARE, **changes}, seeds)
+        line = f"  {label:<22} drop as mapped {100 * none['drop_mean']:6.2f} pts"
+        for remap in ("static", "chain", "dynamic"):
+            row = _run(model, remap, "magnitude", {**HARDWARE, **changes}, seeds)
+            line += f"  {remap} {100 * row['drop_mean']:6.2f} ({100 * _recovery(none, row):5.1f}%)"
+        print(line, flush=True)
 
 
 def _run(model: Path, remap: str, sensitivity: str, hardware: dict, seeds: int) -> dict:
@@ -100,7 +104,7 @@ def write_docs(rows: list[dict], seconds: float) -> None:
     import matplotlib.pyplot as plt
 
     out = ROOT / "docs" / "studies"
-    labels = [f"{r['model']}\n{r['remap']}" + (f"\n{r['sensitivity']}" if r["remap"] == "static" else "") for r in rows]
+    labels = [f"{r['model']}\n{r['remap']}" + (f"\n{r['sensitivity']}" if r["remap"] in ("static", "chain") else "") for r in rows]
     fig, ax = plt.subplots(figsize=(11, 4))
     colours = ["tab:gray" if r["remap"] == "none" else "tab:blue" if r["model"] == "CNN" else "tab:orange" for r in rows]
     ax.bar(range(len(rows)), [100 * r["drop_mean"] for r in rows], yerr=[100 * r["drop_std"] for r in rows], color=colours, capsize=3)
@@ -115,7 +119,7 @@ def write_docs(rows: list[dict], seconds: float) -> None:
     ]
     for r in rows:
         table.append(
-            f"| {r['model']} | {r['remap']} | {r['sensitivity'] if r['remap'] in ('static', 'dynamic') else '—'} | {r['float_accuracy']:.2%} | "
+            f"| {r['model']} | {r['remap']} | {r['sensitivity'] if r['remap'] in ('static', 'dynamic', 'chain') else '—'} | {r['float_accuracy']:.2%} | "
             f"{r['accuracy_mean']:.2%} ± {r['accuracy_std']:.2%} | {100 * r['drop_mean']:.2f} ± {100 * r['drop_std']:.2f} | "
             f"{100 * r['recovery']:.0f}% | {r['compile_seconds']:.1f} |"
         )
@@ -129,7 +133,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=SEEDS)
     parser.add_argument("--json", action="store_true", help="print the rows as JSON at the end")
     parser.add_argument("--write-docs", action="store_true", help="write docs/studies/remap.png and remap_results.md")
-    parser.add_argument("--elsewhere", action="store_true", help="only static vs none on other models and hardware")
+    parser.add_argument("--elsewhere", action="store_true", help="only static, chain, dynamic vs none on other models and hardware")
     args = parser.parse_args()
     if args.elsewhere:
         elsewhere(args.seeds)

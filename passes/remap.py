@@ -1,43 +1,46 @@
-"""Output remapping against line resistance: X-CHANGR (static, dynamic) and sparse rearrangement.
+"""Output remapping against line resistance: X-CHANGR (static, dynamic), chain-gain matching, sparse.
 
 Crossbar output positions far from the drivers and the sense amplifiers lose more of their
 current. Every mode permutes the outputs (columns) of each layer before tiling and records the
 permutation in `Layer.output_order`; the runtime undoes it with one gather after the ADC.
 
-- static: chain-gain matching, from the physics of the layer's own cells (no data, no network
-  simulation). With ideal converters nothing undoes a column's loss, so output k's signal reaches
-  the next MVM layer scaled twice: by the gain of the crossbar column it sits in and by the gain
-  of the next layer's rows that read channel k (rows near the sense end keep several times
-  more than rows far from it). Static gives the positions that keep least the channels the next layer
-  reads strongest, so that every channel's product of the two is as even as the profiles allow:
-  a position's gain comes from a tile whose columns all carry the layer's average column, each
-  output's own load factor and the next layer's row gains from the exact G_eff of the tiles with
-  their actual levels (`_matched_placement`). Channels are followed to the next layer through
-  activations, pooling and one Flatten (`channel_consumers`); a layer whose outputs reach no
-  single ungrouped MVM layer that way (the classifier, branches) is ranked by `--sensitivity`
-  instead, the most sensitive outputs at the positions whose kept share is nearest the layer's
-  median (one sort; the rearrangement inequality). On the digits CNN (128 x 128, r_wire 2) this
-  wins back about a third of the drop where ranking every layer by sensitivity lost ground:
-  docs/remap.md.
-- dynamic: the non-ideal model in the loop. Start from static; then layer by layer, simulate
-  the whole network on the configured hardware, measure what each position actually keeps
-  (crossbar vs exact output of that layer on its real inputs), re-rank by Taylor sensitivity with
-  the other layers at their measured gains, re-place, and keep the new order only if the
-  simulated calibration loss falls; repeat per layer until it does not.
+- static: X-CHANGR's static remapping strategy (Agrawal et al. 2019, arXiv 1907.00285). Every
+  layer's outputs are ranked by `--sensitivity` and the most sensitive go to the positions that
+  keep the most of their current (least line-resistance error), one sort per layer
+  (`_placement`); no data unless the sensitivity needs it, no network simulation.
+- dynamic: X-CHANGR's dynamic strategy, the non-ideal model in the loop. Start from static; then
+  layer by layer, simulate the whole network on the configured hardware, measure what each
+  position actually keeps (crossbar vs exact output of that layer on its real inputs), re-rank by
+  Taylor sensitivity with the other layers at their measured gains, re-place by the same rule,
+  and keep the new order only if the simulated calibration loss falls; a few seeded random
+  transpositions are tried beside it (ours: the paper re-ranks only); repeat per layer until no
+  gain. `--sensitivity` ranks the starting (static) placement; the loop always re-ranks by Taylor.
+- chain (ours): chain-gain matching, from the physics of the layer's own cells (no data, no
+  network simulation). With ideal converters nothing undoes a column's loss, so output k's signal
+  reaches the next MVM layer scaled twice: by the gain of the crossbar column it sits in and by
+  the gain of the next layer's rows that read channel k. Chain gives the positions that keep
+  least the channels the next layer reads strongest, so that every channel's product of the two
+  is as even as the profiles allow (`_matched_placement`). Channels are followed to the next
+  layer through activations, pooling and one Flatten (`channel_consumers`); a layer whose outputs
+  reach no single ungrouped MVM layer that way (the classifier, branches) is ranked by
+  `--sensitivity` instead, the most sensitive outputs at the positions whose kept share is nearest
+  the layer's median (`_median_placement`: with no later layer to rescale them, a common gain is
+  free and the deviation from it is the error).
 - sparse (pruned models): deal columns across the layer's column blocks by conductance load so
   every crossbar carries a balanced, low load (pruned, all-zero columns spread between tiles),
   then give each tile's heaviest columns its best positions.
 
-The sensitivity ranking's position loss comes from the physics model of the configured hardware:
-the exact G_eff of a tile whose cells sit mid-window, as the fraction of its ideal current each
-output position keeps. Sensitivity (static's layers without a next MVM layer): `magnitude` (sum
-of |w| of the column, no data), `taylor` (first-order |dLoss/dg_k| for a gain g_k on output k,
-i.e. |sum dLoss/dy_k * y_k|, per calibration sample and averaged, by central finite differences
-through ONNX Runtime: see xcompile/probe.py), or `perturbation` (loss increase when output k
-is attenuated by the layer's mean position loss).
-Grouped layers are left in place (their block-diagonal structure fixes which outputs share
-rows). The pass runs before encoding: which outputs share a tile decides whether ACM's suffix
-sums fit, so the encoding must see the final order.
+The position loss comes from the physics model of the configured hardware: the exact G_eff of a
+tile whose cells sit mid-window, as the fraction of its ideal current each output position keeps.
+Sensitivity (static, and dynamic's start): `magnitude` (sum of |w| of the column, no data),
+`taylor` (first-order |dLoss/dg_k| for a gain g_k on output k, i.e. |sum dLoss/dy_k * y_k|, per
+calibration sample and averaged, by central finite differences through ONNX Runtime: see
+xcompile/probe.py), or `perturbation` (loss increase when output k is attenuated by the layer's
+mean position loss). Sparse ranks by load only and refuses another sensitivity
+(CompileOptions). Placement is chosen for the compile-time wires; the runtime warns when a run
+overrides them. Grouped layers are left in place (their block-diagonal structure fixes which
+outputs share rows). The pass runs before encoding: which outputs share a tile decides whether
+ACM's suffix sums fit, so the encoding must see the final order.
 """
 
 from __future__ import annotations
@@ -78,12 +81,16 @@ def run(program: Program, progress=None, calibration: Calibration | None = None)
         orders = {layer.index: _sparse_order(layer, kept, per_tile) for layer in movable}
     else:
         probe = GainProbe(program, calibration) if opts.needs_calibration else None
-        consumers = {} if program.hardware.wires_ideal else channel_consumers(program)
         orders = {}
-        for layer in movable:  # network order: a layer's consumer is still in its own order when it is placed
-            if layer.index in consumers:
-                orders[layer.index] = _matched_placement(program, layer, *consumers[layer.index])
-            else:
+        if opts.remap == "chain":
+            consumers = {} if program.hardware.wires_ideal else channel_consumers(program)
+            for layer in movable:  # network order: a layer's consumer is still in its own order when it is placed
+                if layer.index in consumers:
+                    orders[layer.index] = _matched_placement(program, layer, *consumers[layer.index])
+                else:
+                    orders[layer.index] = _median_placement(_sensitivity(opts.sensitivity, layer, probe, kept, per_tile), kept, per_tile)
+        else:
+            for layer in movable:
                 orders[layer.index] = _placement(_sensitivity(opts.sensitivity, layer, probe, kept, per_tile), kept, per_tile)
         if opts.remap == "dynamic":
             if program.hardware.wires_ideal:
@@ -253,12 +260,22 @@ def _position_kept(outputs: int, kept: np.ndarray, per_tile: int) -> np.ndarray:
 
 
 def _placement(sensitivity: np.ndarray, kept: np.ndarray, per_tile: int) -> np.ndarray:
-    """order[q] = the layer output placed at crossbar position q: most sensitive -> the position
-    whose kept share is nearest the layer's median (smallest relative error)."""
+    """X-CHANGR's rule. order[q] = the layer output placed at crossbar position q: the outputs by
+    falling sensitivity to the positions by falling kept share (least line-resistance error)."""
     outputs = sensitivity.shape[0]
     kept = kept if kept.shape[0] == outputs else _position_kept(outputs, kept, per_tile)
-    position_loss = np.abs(kept / np.median(kept) - 1.0)
-    best_positions = np.argsort(position_loss, kind="stable")
+    best_positions = np.argsort(-kept, kind="stable")
+    order = np.empty(outputs, dtype=np.int64)
+    order[best_positions] = np.argsort(-sensitivity, kind="stable")
+    return order
+
+
+def _median_placement(sensitivity: np.ndarray, kept: np.ndarray, per_tile: int) -> np.ndarray:
+    """Chain's rule for layers no chain reaches: most sensitive -> the position whose kept share
+    is nearest the layer's median (smallest relative error once a common gain is taken out)."""
+    outputs = sensitivity.shape[0]
+    kept = _position_kept(outputs, kept, per_tile)
+    best_positions = np.argsort(np.abs(kept / np.median(kept) - 1.0), kind="stable")
     order = np.empty(outputs, dtype=np.int64)
     order[best_positions] = np.argsort(-sensitivity, kind="stable")
     return order

@@ -14,10 +14,12 @@ two passes from an erased chip.
   non-zero cells (low-magnitude sections leave the high-order slice columns at zero); each
   round is then placed greedily: every crossbar is offered the tiles near its rank in that
   count (CANDIDATES either side), the exact number of differing cells decides, and the pair
-  with the fewest goes first.
+  with the fewest goes first. The layer's own rows in layer order are simulated too and kept
+  if they write fewer cells: `sorted` never writes more than `layer`.
 - bit stucking (`stuck_slices` k, `stuck_fraction` p): in the k lowest-order slice columns of
   a tile (physical column c holds slice c mod S), each cell that should change is rewritten
-  with probability p, else it keeps its old level. The draws come from `seed` and belong to the
+  with probability p when its crossbar is reprogrammed (a crossbar's first load ever programs
+  every cell), else it keeps its old level. The draws come from `seed` and belong to the
   schedule (every pass repeats them). The stale levels are recorded per layer
   (`Layer.stale_cells`, `stale_levels`) and the runtime computes with them, so the accuracy cost
   is measured.
@@ -50,15 +52,21 @@ def run(program: Program, progress=None) -> PassResult:
         return PassResult(program, changed=False)
     if not any(layer.tiling is not None and layer.tiling.count for layer in program.layers):
         raise XCompileError(f"option 'crossbars' ({opts.crossbars}) asks for a reprogramming schedule, but the model has no crossbar tiles (no MVM layers)")
-    if opts.schedule == "sorted":
-        program = sorted_sections(program)
-    tiles = _TileTable(program.layers)
-    loads = _sorted_loads(tiles, opts.crossbars) if opts.schedule == "sorted" else _layer_loads(tiles, opts.crossbars)
     stuck_cells = None
     if opts.stuck_slices and opts.stuck_fraction < 1:
         slices = slices_of(program.layers[0].encoding)
         stuck_cells = np.flatnonzero(np.tile(np.arange(program.hardware.cols) % slices < opts.stuck_slices, program.hardware.rows))
-    counts, stale = _simulate(tiles, loads, opts.crossbars, stuck_cells, opts.stuck_fraction, opts.seed)
+    plans = [(program, _layer_loads)]
+    if opts.schedule == "sorted":  # sorted sections first; layer order stays a candidate, so sorted never writes more
+        plans.insert(0, (sorted_sections(program), _sorted_loads))
+    best = None
+    for candidate, make_loads in plans:
+        tiles = _TileTable(candidate.layers)
+        loads = make_loads(tiles, opts.crossbars)
+        counts, stale = _simulate(tiles, loads, opts.crossbars, stuck_cells, opts.stuck_fraction, opts.seed)
+        if best is None or counts["writes"].sum() < best[3]["writes"].sum():
+            best = (candidate, tiles, loads, counts, stale)
+    program, tiles, loads, counts, stale = best
     schedule = Schedule(
         crossbars=opts.crossbars,
         order=opts.schedule,
@@ -199,8 +207,10 @@ def _simulate(tiles: _TileTable, loads: _Loads, crossbars: int, stuck_cells, fra
     Bit stucking's decisions are part of the schedule: round r draws, from
     np.random.default_rng([seed, r]), one uniform number per load and stuck cell (flat cell
     indices `stuck_cells`), and that cell is rewritten, if it should change, when the number is
-    below `fraction`. Every pass repeats them, so after one pass each cell holds the level of its
-    last load that rewrote it, the same every pass: the second pass is the steady state.
+    below `fraction`. Stucking applies to reprogramming: a crossbar's first load ever (deploying
+    the chip) programs every cell. Every pass repeats the draws, so after one pass each cell
+    holds the level of its last load that rewrote it (or of that first programming), the same
+    every pass: the second pass is the steady state.
     Returns the per-load and per-crossbar counts, and per layer index the stale cells
     (flat index into its levels, level held) as the tiles compute.
     """
@@ -209,6 +219,7 @@ def _simulate(tiles: _TileTable, loads: _Loads, crossbars: int, stuck_cells, fra
     cell_writes = np.zeros((crossbars, tiles.cells), dtype=np.int32)
     counts = {name: np.zeros(loads.tile.size, dtype=np.int64) for name in ("writes", "changed", "stale")}
     found = []
+    programmed = np.zeros(crossbars, dtype=bool)  # a crossbar's first load ever programs it whole
     for counted in (False, True):
         for round_, part in enumerate(loads.rounds()):
             members, placed = loads.tile[part], loads.crossbar[part]
@@ -219,7 +230,9 @@ def _simulate(tiles: _TileTable, loads: _Loads, crossbars: int, stuck_cells, fra
             if stuck_cells is not None:
                 rewrite = np.ones_like(change)
                 rewrite[:, stuck_cells] = np.random.default_rng([seed, round_]).random((members.size, stuck_cells.size)) < fraction
+                rewrite[~programmed[placed]] = True
                 write = change & rewrite
+            programmed[placed] = True
             np.copyto(current, targets, where=write)
             state[placed] = current
             if counted:

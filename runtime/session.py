@@ -470,7 +470,17 @@ def _runtime_hardware(program: Program, hardware, options: dict) -> Hardware:
     unknown = sorted(set(options) - known)
     if unknown:
         raise XCompileError(f"unknown runtime option(s) {', '.join(map(repr, unknown))}; known: seed, calibration, hardware, {', '.join(sorted(known))}")
-    return runtime_hardware(program.hardware, hardware, options)
+    hw = runtime_hardware(program.hardware, hardware, options)
+    wires = ("r_wire", "r_source", "r_sink")
+    remapped = sorted({layer.notes.get("remap") for layer in program.layers if layer.output_order is not None} - {None})
+    if remapped and any(getattr(hw, name) != getattr(program.hardware, name) for name in wires):
+        warnings.warn(
+            f"remap {', '.join(remapped)} placed the outputs for the compiled wires "
+            f"({', '.join(f'{n} {getattr(program.hardware, n):g}' for n in wires)}); this run uses "
+            f"{', '.join(f'{n} {getattr(hw, n):g}' for n in wires)}: recompile to place for them",
+            stacklevel=3,
+        )
+    return hw
 
 
 def _seed(seed) -> int:

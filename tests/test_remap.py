@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnxruntime as ort
 import pytest
+from hypothesis import given, settings, strategies as st
 
 import xcompile
 from xcompile.config import Hardware
@@ -13,6 +14,7 @@ from xcompile.passes.remap import kept_current
 from builders import small_cnn
 
 
+@pytest.mark.filterwarnings("ignore:remap .* placed the outputs for the compiled wires")  # run on ideal wires on purpose
 def test_remapped_mapping_still_equals_onnxruntime(tmp_path):
     model = small_cnn(seed=2, channels=20)
     x = np.random.default_rng(0).normal(size=(8, 3, 10, 10)).astype(np.float32)
@@ -26,27 +28,67 @@ def test_remapped_mapping_still_equals_onnxruntime(tmp_path):
     assert np.abs(fine - expected).max() <= 1e-5 * np.abs(expected).max()
 
 
-def test_last_layer_most_sensitive_outputs_sit_where_the_current_kept_is_most_typical():
-    model = small_cnn(seed=3, channels=20)
+@pytest.mark.parametrize("seed", [3, 8])
+def test_static_is_x_changr_most_sensitive_outputs_where_the_most_current_is_kept(seed):
+    """X-CHANGR's rule on every layer: rank by sensitivity, best positions (highest kept share of
+    the physics model) to the most sensitive outputs, so sensitivity never rises with position loss."""
+    model = small_cnn(seed=seed, channels=20)
     mapping = xcompile.compile_model(model, progress=False, remap="static", r_wire=5.0, r_source=50.0, r_sink=50.0, rows=32, cols=16)
-    hw = mapping.hardware
-    kept = kept_current(hw, make_encoding("dual", 1, 8))
-    per_tile = 8
+    kept = kept_current(mapping.hardware, make_encoding("dual", 1, 8))
     assert kept[0] > kept[-1]  # positions near the drivers keep more current
-    for layer in mapping.layers[-1:]:  # no MVM layer reads the last one: it is ranked by sensitivity
+    for layer in mapping.layers:
         order = layer.output_order
         assert sorted(order.tolist()) == list(range(layer.outputs))
-        original = np.abs(layer.restore_order(layer.weight[0])).sum(axis=0)  # back in ONNX order
-        sensitivity_at = original[order]  # sensitivity of the output at each crossbar position
-        kept_at = kept[np.arange(layer.outputs) % per_tile]
-        loss_at = np.abs(kept_at / np.median(kept_at) - 1)  # a common scale is free: deviation from it costs
-        best = np.argmin(loss_at)
-        assert sensitivity_at[best] == original.max()
-        # more sensitive outputs never sit at a strictly worse position than less sensitive ones
-        for a in range(layer.outputs):
-            for b in range(layer.outputs):
-                if loss_at[a] < loss_at[b]:
-                    assert sensitivity_at[a] >= sensitivity_at[b]
+        magnitude = np.abs(layer.restore_order(layer.weight[0])).sum(axis=0)  # back in ONNX order
+        at_position = magnitude[order]
+        kept_at = kept[np.arange(layer.outputs) % kept.size]
+        assert at_position[np.argmax(kept_at)] == magnitude.max()
+        more_kept = kept_at[:, None] > kept_at[None, :]
+        assert np.all(at_position[:, None] >= at_position[None, :], where=more_kept)
+
+
+def test_chain_ranks_the_classifier_around_the_median_position():
+    """Chain (ours): a layer no chain reaches puts its most sensitive outputs where the kept share
+    is nearest the median, the rest by distance from it."""
+    model = small_cnn(seed=3, channels=20)
+    mapping = xcompile.compile_model(model, progress=False, remap="chain", r_wire=5.0, r_source=50.0, r_sink=50.0, rows=32, cols=16)
+    kept = kept_current(mapping.hardware, make_encoding("dual", 1, 8))
+    layer = mapping.layers[-1]
+    magnitude = np.abs(layer.restore_order(layer.weight[0])).sum(axis=0)
+    at_position = magnitude[layer.output_order]
+    kept_at = kept[np.arange(layer.outputs) % kept.size]
+    loss_at = np.abs(kept_at / np.median(kept_at) - 1)
+    assert at_position[np.argmin(loss_at)] == magnitude.max()
+    assert np.all(at_position[:, None] >= at_position[None, :], where=loss_at[:, None] < loss_at[None, :])
+
+
+def test_sensitivity_a_mode_does_not_use_is_refused_and_overridden_wires_warn(tmp_path):
+    for remap in ("none", "sparse"):
+        with pytest.raises(xcompile.XCompileError, match="sensitivity"):
+            xcompile.compile_model(small_cnn(), progress=False, remap=remap, sensitivity="taylor", calibration=_calibration())
+    mapping = xcompile.compile_model(small_cnn(seed=3), progress=False, remap="static", r_wire=2.0)
+    x = _calibration(2)
+    with pytest.warns(UserWarning, match="remap static placed the outputs for the compiled wires"):
+        xcompile.Session(mapping, r_wire=1.0).run(None, {"x": x})
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        xcompile.Session(mapping).run(None, {"x": x})  # the wires it was placed for: no note
+
+
+@pytest.mark.parametrize("remap", ["static", "chain", "sparse"])
+def test_ideal_mode_is_unchanged_by_any_remap(remap):
+    model = small_cnn(seed=9, channels=12)
+    x = _calibration(6, seed=3)
+    plain = xcompile.Session(xcompile.compile_model(model, progress=False, ideal=True, r_wire=2.0), r_wire=0.0).run(None, {"x": x})[0]
+    placed = xcompile.compile_model(model, progress=False, ideal=True, remap=remap, r_wire=2.0)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the wires are overridden on purpose
+        got = xcompile.Session(placed, r_wire=0.0).run(None, {"x": x})[0]
+    assert np.abs(got - plain).max() <= 1e-5 * np.abs(plain).max()
 
 
 def _chain_gains(mapping, index: int) -> np.ndarray:
@@ -65,11 +107,11 @@ def _chain_gains(mapping, index: int) -> np.ndarray:
 
 def test_static_evens_out_the_gain_each_channel_sees_through_two_layers():
     """An output's signal is scaled by the column it sits in and then by the rows of the next
-    layer that read it; static pairs weak positions with strongly read channels, so the chain
+    layer that read it; chain pairs weak positions with strongly read channels, so the chain
     gains spread less than in the layer's own order, measured on the placed crossbars."""
     model = small_cnn(seed=3, channels=16)
     options = dict(progress=False, r_wire=4.0, rows=64, cols=32)
-    placed = xcompile.compile_model(model, remap="static", **options)
+    placed = xcompile.compile_model(model, remap="chain", **options)
     own = xcompile.compile_model(model, remap="none", **options)
     conv = placed.layers[0]
     assert not np.array_equal(conv.output_order, np.arange(conv.outputs))
@@ -108,9 +150,10 @@ def _calibration(n: int = 32, seed: int = 0):
     return np.random.default_rng(seed).normal(size=(n, 3, 10, 10)).astype(np.float32)
 
 
-DATA_MODES = [("static", "taylor"), ("static", "perturbation"), ("dynamic", "magnitude"), ("sparse", "magnitude")]
+DATA_MODES = [("static", "taylor"), ("static", "perturbation"), ("chain", "taylor"), ("dynamic", "magnitude"), ("sparse", "magnitude")]
 
 
+@pytest.mark.filterwarnings("ignore:remap .* placed the outputs for the compiled wires")  # run on ideal wires on purpose
 @pytest.mark.parametrize("remap, sensitivity", DATA_MODES)
 def test_every_mode_is_a_permutation_undone_exactly(remap, sensitivity):
     model = small_cnn(seed=4, channels=20)
@@ -228,8 +271,14 @@ def test_cli_remap_needs_calibration_and_inspect_shows_the_order(tmp_path, capsy
     assert main(["inspect", str(out)]) == 0
     text = capsys.readouterr().out
     assert "remap static (taylor): crossbar output position -> layer output" in text
+    # options the chosen mode does not use: an error for --sensitivity, a warning for --calibration
+    assert main([str(path), "-o", str(out), "--remap", "sparse", "--sensitivity", "magnitude", "-q"]) == 2
+    assert "--remap sparse does not use it" in capsys.readouterr().err
+    assert main([str(path), "-o", str(out), "--remap", "static", "--calibration", str(tmp_path / "cal.npz"), "-q"]) == 0
+    assert "warning: --calibration is used only by" in capsys.readouterr().err
 
 
+@pytest.mark.filterwarnings("ignore:remap .* placed the outputs for the compiled wires")  # run on ideal wires on purpose
 def test_row_remapping_puts_heavy_rows_nearest_the_sense_end_and_stays_exact():
     model = small_cnn(seed=10, channels=12)
     x = _calibration(6, seed=3)
@@ -247,3 +296,18 @@ def test_row_remapping_puts_heavy_rows_nearest_the_sense_end_and_stays_exact():
     assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
     with pytest.raises(xcompile.XCompileError, match="remap_rows"):
         xcompile.compile_model(model, progress=False, remap_rows=True)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 40).flatmap(lambda n: st.tuples(
+    st.lists(st.floats(0, 10, allow_nan=False), min_size=n, max_size=n),
+    st.lists(st.floats(0.05, 1, allow_nan=False), min_size=n, max_size=n),
+)))
+def test_x_changr_placement_is_a_permutation_that_never_puts_a_more_sensitive_output_at_a_lossier_position(data):
+    from xcompile.passes.remap import _placement
+
+    sensitivity, kept = (np.array(v) for v in data)
+    order = _placement(sensitivity, kept, kept.size)
+    assert sorted(order.tolist()) == list(range(kept.size))
+    placed = sensitivity[order]  # sensitivity of the output at each position
+    assert np.all(placed[:, None] >= placed[None, :], where=kept[:, None] > kept[None, :])

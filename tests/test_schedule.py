@@ -12,7 +12,9 @@ import pytest
 from onnx import helper, numpy_helper
 
 import xcompile
+from xcompile.artifact import Mapping
 from xcompile.cli import main
+from xcompile.passes.schedule import sorted_sections
 from xcompile.passes.encode import slices_of
 from xcompile.runtime.crossbar import effective_weights
 from builders import dense, model, small_cnn, tensor
@@ -63,7 +65,7 @@ def test_sorted_sections_are_undone_exactly(build, encoding, weight_bits, cell_b
     onnx_model = build()
     options = dict(progress=False, encoding=encoding, weight_bits=weight_bits, cell_bits=cell_bits, **SMALL)
     plain = xcompile.compile_model(onnx_model, **options)
-    sorted_ = xcompile.compile_model(onnx_model, crossbars=3, schedule="sorted", **options)
+    sorted_ = Mapping(sorted_sections(plain.program))  # the sections alone (the schedule may keep the own order)
     for before, after in zip(plain.layers, sorted_.layers):
         order, kg = after.input_order, after.weight.shape[1]
         assert sorted(order.tolist()) == list(range(after.rows_in))
@@ -86,7 +88,7 @@ def test_sorted_sections_compose_with_rows_already_remapped():
     onnx_model = small_cnn()
     options = dict(progress=False, remap="static", remap_rows=True, **SMALL)
     remapped = xcompile.compile_model(onnx_model, **options)
-    both = xcompile.compile_model(onnx_model, crossbars=3, schedule="sorted", **options)
+    both = Mapping(sorted_sections(remapped.program))
     for before, after in zip(remapped.layers, both.layers):
         assert not np.array_equal(after.input_order, before.input_order)
         realised = np.rint(effective_weights(after) / after.scale)
@@ -213,13 +215,24 @@ def test_rewriting_every_changed_cell_is_the_same_as_no_schedule():
     np.testing.assert_array_equal(_run(full, x), _run(xcompile.compile_model(onnx_model, **options), x))
 
 
-def test_never_rewriting_leaves_the_stuck_slices_as_the_erased_chip_had_them():
+def test_never_rewriting_keeps_in_the_stuck_slices_what_each_crossbars_first_load_programmed():
+    """Stucking applies to reprogramming: deploying the chip programs every cell of a crossbar's
+    first tile; with p = 0 its stuck slices keep those levels for every later tile."""
     mapping = xcompile.compile_model(small_cnn(), progress=False, cell_bits=2, crossbars=4, stuck_slices=1, stuck_fraction=0.0, **SMALL)
+    s = mapping.program.schedule
     slices = slices_of(mapping.layers[0].encoding)
     low_columns = np.arange(SMALL["cols"]) % slices < 1
-    for layer in mapping.layers:
-        assert not layer.as_loaded().levels[:, :, low_columns].any()
-        assert layer.levels[:, :, low_columns].any()  # the targets were not zero there
+    by_index = {layer.index: layer for layer in mapping.layers}
+    first = {}
+    for layer, tile, crossbar in zip(s.layer, s.tile, s.crossbar):
+        first.setdefault(int(crossbar), by_index[int(layer)].levels[tile])
+    moved = 0
+    for layer, tile, crossbar in zip(s.layer, s.tile, s.crossbar):
+        loaded = by_index[int(layer)].as_loaded().levels[tile]
+        np.testing.assert_array_equal(loaded[:, low_columns], first[int(crossbar)][:, low_columns])
+        np.testing.assert_array_equal(loaded[:, ~low_columns], by_index[int(layer)].levels[tile][:, ~low_columns])
+        moved += int((by_index[int(layer)].levels[tile][:, low_columns] != loaded[:, low_columns]).any())
+    assert moved > 0  # the targets did differ there
 
 
 def test_schedule_survives_mapping_bin(tmp_path):
@@ -288,3 +301,36 @@ def test_cli_compiles_a_schedule_and_inspect_shows_its_writes(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "plain.bin"), "--writes-plot", str(tmp_path / "none.png")]) == 2
     assert main([str(tmp_path / "cnn.onnx"), "-o", str(tmp_path / "bad.bin"), "--crossbars", "0"]) == 2
     assert "crossbars" in capsys.readouterr().err and not (tmp_path / "bad.bin").exists()
+
+
+SHIPPED_CNN = __import__("pathlib").Path(__file__).resolve().parent.parent / "models" / "digits_cnn.onnx"
+
+
+@pytest.mark.parametrize(
+    "source, options",
+    [
+        (SHIPPED_CNN, dict(cell_bits=2, crossbars=2)),
+        (SHIPPED_CNN, dict(cell_bits=2, crossbars=8, stuck_slices=1, stuck_fraction=0.5)),
+        (small_cnn, dict(cell_bits=2, crossbars=3, **SMALL)),
+        (_uneven_rows, dict(cell_bits=1, crossbars=5, **SMALL)),
+    ],
+    ids=["digits-cnn-P2", "digits-cnn-P8-stuck", "small-cnn-P3", "uneven-P5"],
+)
+def test_sorted_never_writes_more_than_layer_order(source, options):
+    onnx_model = source if isinstance(source, __import__("pathlib").Path) else source()
+    writes = {
+        order: int(xcompile.compile_model(onnx_model, progress=False, schedule=order, **options).program.schedule.writes.sum())
+        for order in ("layer", "sorted")
+    }
+    assert writes["sorted"] <= writes["layer"]
+
+
+def test_writes_by_slice_and_magnitude_split_the_layer_schedules_own_count():
+    from xcompile.reprogramming import writes_by_slice_and_magnitude
+
+    mapping = xcompile.compile_model(small_cnn(), progress=False, cell_bits=2, crossbars=3, **SMALL)
+    by_slice, by_magnitude, names = writes_by_slice_and_magnitude(mapping.program, 3)
+    total = int(mapping.program.schedule.writes.sum())
+    assert by_slice.shape == (4,) and len(by_magnitude) == len(names)
+    assert by_slice.sum() == total and by_magnitude.sum() == total
+    assert by_slice[0] > by_slice[-1]  # the low slice of a weight changes more often than its top one

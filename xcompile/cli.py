@@ -23,7 +23,7 @@ import numpy as np
 
 from xcompile.errors import XCompileError
 
-COMMANDS = ("compile", "inspect", "run", "eval", "sweep", "presets")
+COMMANDS = ("compile", "inspect", "run", "eval", "sweep", "presets", "train")
 
 # hardware flags shared by compile, run and eval: (flag, type, help)
 HARDWARE_FLAGS = (
@@ -144,8 +144,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cell-bits", type=int, help="bits per cell (default 8); weight_bits / cell_bits slices")
     p.add_argument("--encoding", help="signed-weight encoding: dual (default), acm, offset")
     p.add_argument("--acm-fit", help="ACM rows that overflow the cells: scale (default) or clip")
-    p.add_argument("--remap", help="output remapping against line resistance: none (default), static, dynamic, sparse")
-    p.add_argument("--sensitivity", help="how remapping ranks outputs: magnitude (default), taylor, perturbation")
+    p.add_argument("--remap", help="output remapping against line resistance: none (default), static, dynamic (X-CHANGR), chain (ours), sparse")
+    p.add_argument("--sensitivity", help="how remap static / dynamic / chain rank outputs: magnitude (default), taylor, perturbation")
     p.add_argument("--remap-rows", action="store_true", help="remap the inputs (rows) too: heaviest rows nearest the sense end")
     p.add_argument("--calibration", metavar="DATA", help="'digits' or an .npz with x (and labels y): data for remap dynamic / taylor / perturbation")
     p.add_argument("--crossbars", type=int, help="physical crossbars P; fewer than the tiles makes a reprogramming schedule (docs/schedules.md)")
@@ -178,7 +178,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="accuracy: float model vs crossbars over Monte-Carlo trials")
     p.add_argument("mapping", help="mapping file")
-    p.add_argument("--dataset", required=True, help="'digits' (shipped) or an .npz with x (inputs) and y (labels)")
+    p.add_argument("--dataset", required=True, help="'digits' or 'mnist' (shipped) or an .npz with x (inputs) and y (labels)")
     p.add_argument("--trials", type=int, default=1, help="Monte-Carlo trials (seeds seed .. seed+trials-1)")
     p.add_argument("--seed", type=int, default=0, help="first seed")
     p.add_argument("--batch-size", type=int, default=256)
@@ -192,7 +192,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="accuracy over a grid of compile and hardware options, Monte-Carlo trials per point (docs/sweep.md)")
     p.add_argument("model", help="ONNX model file")
     p.add_argument("--grid", required=True, metavar="GRID.toml", help="[grid] option = [values, ...] to sweep, [fixed] option = value")
-    p.add_argument("--dataset", required=True, help="'digits' (shipped) or an .npz with x (inputs) and y (labels)")
+    p.add_argument("--dataset", required=True, help="'digits' or 'mnist' (shipped) or an .npz with x (inputs) and y (labels)")
     p.add_argument("--trials", type=int, default=1, help="Monte-Carlo trials per point (seeds seed .. seed+trials-1)")
     p.add_argument("--seed", type=int, default=0, help="first seed")
     p.add_argument("-o", "--output", required=True, metavar="FOLDER", help="results folder; rerunning the same sweep resumes it")
@@ -207,7 +207,33 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("presets", help="list the named hardware presets with every value and its source")
     p.add_argument("--json", action="store_true", help="print them as JSON")
     p.set_defaults(handler=_presets)
+    p = sub.add_parser("train", help="fine-tune an ONNX classifier for crossbars (needs the train extra: torch)")
+    p.add_argument("model", help="ONNX model file (Conv / Gemm / MatMul, ReLU, pooling, Flatten)")
+    p.add_argument("--wct", action="store_true", help="weight-constrained training: more cells at low conductance (docs/training.md)")
+    p.add_argument("--dataset", required=True, help="training data: 'digits' / 'mnist' (their shipped calibration split) or an .npz with x and y")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.onnx", help="the fine-tuned model")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--strength", type=float, default=1.0, help="weight of the low-conductance penalty (0: plain fine-tuning)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(handler=_train)
     return parser
+
+
+def _train(args) -> int:
+    from xcompile.evaluate import BUILTIN_DATASETS, builtin_split, load_dataset
+    from xcompile.fileio import atomic_output
+    from xcompile.train import low_conductance_share, train_wct
+
+    if not args.wct:
+        raise XCompileError("train: choose the method: --wct (weight-constrained training, the only one so far)")
+    x, y = builtin_split(args.dataset, "calib") if args.dataset in BUILTIN_DATASETS else load_dataset(args.dataset)[:2]
+    trained = train_wct(args.model, x, y, epochs=args.epochs, strength=args.strength, seed=args.seed)
+    with atomic_output(args.output) as temp:
+        temp.write_bytes(trained.SerializeToString())
+    shares = low_conductance_share(trained)
+    print(f"wrote {args.output}: {len(shares)} weight tensors, low-conductance share (|w| <= 10% of the layer's max) "
+          + ", ".join(f"{v['low_share']:.0%}" for v in shares.values()))
+    return 0
 
 
 def _hardware_args(p: argparse.ArgumentParser) -> None:
@@ -256,6 +282,10 @@ def _compile(args) -> int:
         if value is not None
     }
     options.update(_hardware_options(args))
+    if args.sensitivity is not None and (args.remap or "none") in ("none", "sparse"):
+        raise XCompileError(f"--sensitivity ranks outputs for --remap static, dynamic or chain; --remap {args.remap or 'none'} does not use it")
+    if args.calibration and not (args.remap == "dynamic" or (args.remap not in (None, "none") and args.sensitivity in ("taylor", "perturbation"))):
+        warnings.warn("--calibration is used only by --remap dynamic and by --sensitivity taylor / perturbation; ignored here", stacklevel=2)
     started = time.perf_counter()
     mapping = compile_model(
         args.model, progress=False if args.quiet else None, calibration=args.calibration,

@@ -16,7 +16,7 @@ from xcompile.errors import XCompileError
 from xcompile.presets import CATALOGUE
 
 ENCODINGS = ("dual", "acm", "offset")
-REMAPS = ("none", "static", "dynamic", "sparse")
+REMAPS = ("none", "static", "dynamic", "chain", "sparse")
 SENSITIVITIES = ("magnitude", "taylor", "perturbation")
 DATA_SENSITIVITIES = ("taylor", "perturbation")
 ACM_FITS = ("scale", "clip")
@@ -144,8 +144,8 @@ class CompileOptions:
     cell_bits: bits one cell stores; a weight takes ceil(weight_bits / cell_bits) slices.
     encoding: dual | acm | offset (passes/encode.py).
     acm_fit: what ACM does with a row whose suffix sums overflow the cells: scale | clip.
-    remap: output (column) remapping against line resistance: none | static | dynamic | sparse
-        (passes/remap.py; dynamic needs calibration data).
+    remap: output (column) remapping against line resistance: none | static | dynamic | chain |
+        sparse (passes/remap.py; dynamic needs calibration data).
     sensitivity: how remapping ranks a layer's outputs: magnitude (sum of |w|, needs no data),
         taylor or perturbation (measured on calibration data).
     remap_rows: also permute the inputs (rows): the rows expected to carry the most current go
@@ -190,10 +190,15 @@ class CompileOptions:
         for name, allowed in (("remap", REMAPS), ("sensitivity", SENSITIVITIES), ("weight_scale", WEIGHT_SCALES)):
             if getattr(self, name) not in allowed:
                 raise XCompileError(f"option '{name}' must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.sensitivity != "magnitude" and self.remap in ("none", "sparse"):
+            raise XCompileError(
+                f"option 'sensitivity' ({self.sensitivity}) ranks outputs for remap static, dynamic or chain; "
+                f"remap '{self.remap}' does not use it"
+            )
         if not isinstance(self.remap_rows, bool):
             raise XCompileError(f"option 'remap_rows' must be true or false, got {self.remap_rows!r}")
         if self.remap_rows and self.remap == "none":
-            raise XCompileError("option 'remap_rows' permutes rows as part of remapping: set 'remap' (static, dynamic or sparse) too")
+            raise XCompileError("option 'remap_rows' permutes rows as part of remapping: set 'remap' (static, dynamic, chain or sparse) too")
         if self.encoding == "offset" and self.weight_bits < 2:
             raise XCompileError("the offset encoding needs 'weight_bits' >= 2 (one bit goes to the offset)")
         self._check_schedule()

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from xcompile.errors import XCompileError
 
-BUILTIN_DATASETS = ("digits",)
+BUILTIN_DATASETS = ("digits", "mnist")
 CALIBRATION_SAMPLES = 256
 
 

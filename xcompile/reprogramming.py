@@ -150,3 +150,36 @@ def write_writes_plot(schedule: Schedule | None, path: str | os.PathLike) -> Pat
         figure.savefig(temp, dpi=110, format="png")
     plt.close(figure)
     return target
+
+
+def writes_by_slice_and_magnitude(program, crossbars: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Cell writes of one steady-state `layer` pass, by slice (0 = lowest) and by the |q| (0..255)
+    of the weight half being written: where reprogramming costs sit (docs/schedules.md). Dual
+    encoding, 8-bit weights: a weight half's slices sit in S neighbouring columns."""
+    from xcompile.passes import schedule as schedule_pass  # the pass imports this module
+    from xcompile.passes.encode import slices_of
+
+    if program.layers[0].encoding.name != "dual" or program.options.weight_bits != 8:
+        raise XCompileError("writes by slice and magnitude are counted for the dual encoding with 8-bit weights")
+    tiles = schedule_pass._TileTable(program.layers)
+    loads = schedule_pass._layer_loads(tiles, crossbars)
+    hw, encoding = program.hardware, program.layers[0].encoding
+    slices, bits = slices_of(encoding), program.options.cell_bits
+    edges = [0, 1, 4, 16, 64, 256]
+    names = ["0", "1-3", "4-15", "16-63", "64-255"]
+    by_slice, by_magnitude = np.zeros(slices, np.int64), np.zeros(len(names), np.int64)
+    state = np.zeros((crossbars, tiles.cells), dtype=tiles.dtype)
+    for counted in (False, True):
+        for tile, crossbar in zip(loads.tile, loads.crossbar):
+            target = tiles.flat[tile]
+            changed = (state[crossbar] != target).reshape(hw.rows, hw.cols)
+            state[crossbar] = target
+            if not counted:
+                continue
+            levels = target.reshape(hw.rows, hw.cols // slices, slices).astype(np.int64)
+            magnitude = (levels << (bits * np.arange(slices))).sum(axis=2)
+            bucket = np.digitize(magnitude, edges[1:-1])  # [rows, groups]
+            changed = changed.reshape(hw.rows, hw.cols // slices, slices)
+            by_slice += changed.sum(axis=(0, 1))
+            np.add.at(by_magnitude, np.repeat(bucket[:, :, None], slices, axis=2)[changed], 1)
+    return by_slice, by_magnitude, names
