@@ -292,7 +292,7 @@ CRAFTED = {
     "empty member list": (lambda m, j: j.update(members=[]), "'members'"),
     "unlisted member": (lambda m, j: m.update({"arrays/0/weight.npy": b"x"}), "weight.npy.*unknown member"),
     "missing member": (lambda m, j: m.pop("arrays/0/levels.npy"), "levels.npy"),
-    "absurd array size": (lambda m, j: j["hardware"].update(rows=65536, cols=65536), "levels.npy.*cannot hold"),
+    "absurd array size": (lambda m, j: j["hardware"].update(rows=65536, cols=65536), "'hardware'.*65536 x 65536.*GiB limit"),
     "layer shape beyond its levels": (lambda m, j: j["layers"][1].update(weight_shape=[1, 2**31, 2**31]), "arrays/1/levels.npy.*cannot hold"),
     "crossbar layer 99": (_graph_edit("graph.onnx", lambda g: setattr(_mvm(g).attribute[0], "i", 99)), "graph.onnx.*layer=99"),
     "graph input of no ONNX type": (_graph_edit("graph.onnx", lambda g: setattr(g.graph.input[0].type.tensor_type, "elem_type", 99)), "graph.onnx.*element type 99"),
@@ -358,3 +358,53 @@ def test_a_mapping_stores_no_weights_and_shows_what_its_levels_compute(saved):
 
     for layer in xcompile.load(saved).layers:
         np.testing.assert_allclose(layer.weight, effective_weights(layer), rtol=1e-6)
+
+
+def _recurrent_edit(name, value):
+    """Set attribute `name` of the CrossbarRecurrent node in graph.onnx to `value`."""
+    from onnx import helper
+
+    def change(model):
+        node = next(n for n in model.graph.node if n.op_type == "CrossbarRecurrent")
+        kept = [a for a in node.attribute if a.name != name]
+        del node.attribute[:]
+        node.attribute.extend(kept + [helper.make_attribute(name, value)])
+
+    return _graph_edit("graph.onnx", change)
+
+
+RECURRENT_CRAFTED = {
+    "W layer out of range": (_recurrent_edit("w_layers", [99]), "layer 99"),
+    "R layer of the wrong shape": (_recurrent_edit("r_layers", [0]), "layer 0 has shape"),
+    "hidden size of the wrong layers": (_recurrent_edit("hidden_size", 3), "layer .* has shape"),
+    "unknown activation": (_recurrent_edit("activations", ["Sigmoid", "Exp", "Tanh"]), "activations must be among"),
+    "two directions, one layer each": (_recurrent_edit("directions", 2), "bidirectional exactly when"),
+    "NaN clip": (_recurrent_edit("clip", float("nan")), "clip must be"),
+    "a layer run twice": (_graph_edit("graph.onnx", lambda m: m.graph.node.extend(
+        [n for n in m.graph.node if n.op_type == "CrossbarRecurrent"][:1])), "run by 2 crossbar nodes"),
+}
+
+
+@pytest.mark.parametrize("case", RECURRENT_CRAFTED)
+def test_a_crafted_recurrent_node_is_refused(tmp_path, case):
+    from pathlib import Path
+
+    path = tmp_path / "lstm.bin"
+    xcompile.compile_model(Path(__file__).parent / "data" / "torch_lstm_forward.onnx", progress=False).save(path)
+    xcompile.load(path)  # the untouched file loads
+    edit, message = RECURRENT_CRAFTED[case]
+    _craft(path, edit)
+    with pytest.raises(xcompile.XCompileError, match=f"graph.onnx.*{message}"):
+        xcompile.load(path)
+
+
+def test_channel_scales_are_stored_checked_and_run(tmp_path):
+    path = tmp_path / "channel.bin"
+    mapping = xcompile.compile_model(small_cnn(seed=4), weight_scale="channel", progress=False)
+    mapping.save(path)
+    x = np.random.default_rng(1).normal(size=(3, 3, 10, 10)).astype(np.float32)
+    expected = xcompile.Session(mapping).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(xcompile.Session(str(path)).run(None, {"x": x})[0], expected)
+    _craft(path, _array_edit("arrays/0/channel_scale.npy", lambda a: np.where(np.arange(a.size) == 2, np.nan, a)))
+    with pytest.raises(xcompile.XCompileError, match="channel_scale.npy.*NaN"):
+        xcompile.load(path)

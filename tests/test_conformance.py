@@ -73,7 +73,7 @@ def test_the_backend_cases_are_there():
 @pytest.mark.parametrize("folder", CASES, ids=[c.name for c in CASES])
 def test_onnx_backend_model(folder):
     m, feeds, expected = _load_case(folder)
-    got, mapping = _ideal(m, feeds, allow_empty=True)  # weights fed as inputs: nothing to map
+    got, mapping = _ideal(m, feeds)  # weights fed as inputs: nothing to map (_ideal allows that)
     for g, e in zip(got, expected):
         assert _relative(g, e) <= 1e-5
     # and with the weights that the test feeds made constant, every Conv / Gemm is mapped

@@ -31,7 +31,7 @@ from xcompile.validate import TILING_ARRAYS as _TILING_ARRAYS
 
 FORMAT = "xcompile-mapping"
 FORMAT_VERSION = 2  # 2: weights derived from the levels, not stored; validated on load
-_LAYER_ARRAYS = ("bias", "levels", "output_order", "input_order", "stale_cells", "stale_levels")
+_LAYER_ARRAYS = ("bias", "levels", "output_order", "input_order", "stale_cells", "stale_levels", "channel_scale")
 
 
 class Mapping:

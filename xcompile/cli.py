@@ -153,7 +153,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--stuck-fraction", type=float, help="bit stucking: share p of changed cells rewritten in the stuck slices (default 1)")
     p.add_argument("--stuck-slices", type=int, help="bit stucking: the k lowest-order slice columns it applies to (default 0)")
     p.add_argument("--seed", type=int, help="seed of random compile decisions (which cells bit stucking rewrites; default 0)")
-    p.add_argument("--allow-empty", action="store_true", help="compile a model with no weights to map (else an error)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary line")
     p.add_argument("--strict", action="store_true", help="a weight-bearing op left digital is an error, not a warning")
     p.add_argument("--allow-empty", action="store_true", help="compile a model that has nothing to map onto crossbars")

@@ -22,11 +22,12 @@ from typing import Any, NoReturn
 import networkx as nx
 import numpy as np
 import onnx
+from onnx import helper
 from google.protobuf.message import DecodeError
 
 from xcompile.config import CompileOptions, Hardware
 from xcompile.errors import XCompileError
-from xcompile.ir import CUSTOM_DOMAIN, MVM_OP, Encoding, Layer, PassRecord, Program, Tiling
+from xcompile.ir import CUSTOM_DOMAIN, MVM_OP, RECURRENT_OP, Encoding, Layer, PassRecord, Program, Tiling
 from xcompile.reprogramming import CROSSBAR_ARRAYS, LOAD_ARRAYS, Schedule
 
 MANIFEST, MANIFEST_DIGEST = "manifest.json", "manifest.sha256"
@@ -37,8 +38,8 @@ GEOMETRY_INT_MAX = 1 << 16  # kernel sizes, strides, dilations, pads, output sha
 SCHEDULE_PREFIX = "arrays/schedule/"
 TILING_ARRAYS = ("grid", "row_range", "out_range", "crossbar")
 ENCODING_ARRAYS = ("term_offset", "term_step", "term_coeff")
-OPTIONAL_ARRAYS = ("bias", "output_order", "input_order", "stale_cells", "stale_levels")
-KINDS = {"dense": ("Gemm", "MatMul"), "conv": ("Conv",), "conv_transpose": ("ConvTranspose",)}
+OPTIONAL_ARRAYS = ("bias", "output_order", "input_order", "stale_cells", "stale_levels", "channel_scale")
+KINDS = ("dense", "conv", "conv_transpose")  # op_type names the source op (Gemm, QLinearConv, LSTM, ...) for people
 AUTO_PADS = ("NOTSET", "SAME_UPPER", "SAME_LOWER", "VALID")
 LAYER_KEYS = {"index", "name", "node_name", "op_type", "kind", "geometry", "weight_shape", "input_name", "output_name", "scale", "notes", "encoding", "tiling"}
 MANIFEST_KEYS = {"format", "format_version", "xcompile_version", "options", "hardware", "passes", "digital_nodes", "layers", "placement", "schedule", "members"}
@@ -325,8 +326,8 @@ def _layer_meta(meta: dict, position: int) -> tuple[int, int, int]:
         fail(MANIFEST, f"'{key}.index' must be {position} (layers in index order), got {_short(meta['index'])}")
     for name in ("name", "node_name", "op_type", "kind", "input_name", "output_name"):
         _str(meta[name], f"{key}.{name}")
-    if meta["op_type"] not in KINDS.get(meta["kind"], ()):
-        fail(MANIFEST, f"'{key}': kind {_short(meta['kind'])} with op_type {_short(meta['op_type'])} is not an MVM layer")
+    if meta["kind"] not in KINDS:
+        fail(MANIFEST, f"'{key}.kind' must be one of {', '.join(KINDS)}, got {_short(meta['kind'])}")
     shape = _list(meta["weight_shape"], f"{key}.weight_shape")
     if len(shape) != 3:
         fail(MANIFEST, f"'{key}.weight_shape' must be [groups, rows per group, outputs per group]")
@@ -449,6 +450,11 @@ def build_layer(meta: dict, position: int, blobs: dict[str, bytes], options: Com
         channels = meta["geometry"]["channels_out"] if meta["kind"] == "conv_transpose" else n
         optional["bias"] = array("bias", (np.float32,), (channels,))
         _check_range(prefix + "bias.npy", optional["bias"], -np.inf, np.inf, "a bias")
+    if f"{prefix}channel_scale.npy" in blobs:
+        if options.weight_scale != "channel":
+            fail(prefix + "channel_scale.npy", "per-output scales come only with options weight_scale 'channel'")
+        optional["channel_scale"] = array("channel_scale", (np.float64,), (n,))
+        _check_range(prefix + "channel_scale.npy", optional["channel_scale"], np.finfo(np.float64).tiny, np.finfo(np.float32).max, "a per-output step (finite, > 0)")
     for name, size in (("output_order", n), ("input_order", k)):
         if f"{prefix}{name}.npy" in blobs:
             optional[name] = array(name, (np.int64,), (size,))
@@ -471,7 +477,7 @@ def build_layer(meta: dict, position: int, blobs: dict[str, bytes], options: Com
     )
     signed = _signed_weights(layer)
     with np.errstate(over="ignore"):
-        weight = (signed * layer.scale).astype(np.float32)
+        weight = (signed * layer.output_step()).astype(np.float32)
     if not np.isfinite(weight).all():
         fail(MANIFEST, f"'{key}.scale' ({layer.scale}) times the levels overflows float32 weights")
     weight.flags.writeable = False
@@ -571,44 +577,119 @@ def _tensors(model: onnx.ModelProto):
             graphs.extend((g, inside) for g in attr.graphs)
 
 
-def check_runtime_graph(graph: onnx.ModelProto, layers: int) -> None:
+def check_runtime_graph(graph: onnx.ModelProto, layers: tuple[Layer, ...]) -> None:
     """The graph's inputs and outputs have known tensor types (the session reports them); every
-    CrossbarMVM node names one layer, each layer exactly once; none hides in a subgraph."""
+    crossbar node (CrossbarMVM, CrossbarRecurrent; at the top level or inside If / Loop / Scan
+    bodies, never in a function) is well-formed and names layers that fit it, each layer once."""
     known = set(onnx.TensorProto.DataType.values())
     for value in list(graph.graph.input) + list(graph.graph.output):
         kind = value.type.WhichOneof("value")
         if kind == "tensor_type" and value.type.tensor_type.elem_type not in known:
             fail("graph.onnx", f"graph input/output '{value.name}' has element type {value.type.tensor_type.elem_type}, not an ONNX tensor type")
     referenced: list[int] = []
-    for node in graph.graph.node:
-        if node.domain != CUSTOM_DOMAIN:
-            continue
-        what = f"node '{node.name}'"
-        if node.op_type != MVM_OP:
-            fail("graph.onnx", f"{what} is {CUSTOM_DOMAIN}::{node.op_type}; the only op of that domain is {MVM_OP}")
-        attrs = {a.name: a for a in node.attribute}
-        layer = attrs.get("layer")
-        if set(attrs) != {"layer"} or layer.type != onnx.AttributeProto.INT:
-            fail("graph.onnx", f"{what} ({MVM_OP}) must have exactly one attribute, the integer 'layer'")
-        if not 0 <= layer.i < layers:
-            fail("graph.onnx", f"{what} ({MVM_OP}) has layer={layer.i}; the mapping has layers 0..{layers - 1}")
-        if len(node.input) != 1 or len(node.output) != 1 or not node.input[0] or not node.output[0]:
-            fail("graph.onnx", f"{what} ({MVM_OP}) must have one input and one output")
-        referenced.append(layer.i)
-    counts = np.bincount(np.array(referenced, dtype=np.int64), minlength=layers)
-    if layers and (counts != 1).any():
-        index = int(np.flatnonzero(counts != 1)[0])
-        fail("graph.onnx", f"layer {index} is run by {int(counts[index])} {MVM_OP} nodes; each layer runs exactly once")
-    nested = [(a, n) for n in graph.graph.node for a in n.attribute if a.HasField("g") or len(a.graphs)]
-    stack = [g for a, _ in nested for g in ([a.g] if a.HasField("g") else []) + list(a.graphs)]
-    stack += [f for f in graph.functions]
+    stack = [graph.graph]
     while stack:
         inner = stack.pop()
         for node in inner.node:
-            if node.domain == CUSTOM_DOMAIN:
-                fail("graph.onnx", f"{MVM_OP} node '{node.name}' inside a subgraph or function; the runtime runs them at the top level only")
             for attr in node.attribute:
                 stack.extend(([attr.g] if attr.HasField("g") else []) + list(attr.graphs))
+            if node.domain != CUSTOM_DOMAIN:
+                continue
+            what = f"node '{node.name}'"
+            if node.op_type == MVM_OP:
+                referenced.append(_mvm_node(node, what, len(layers)))
+            elif node.op_type == RECURRENT_OP:
+                referenced.extend(_recurrent_node(node, what, layers))
+            else:
+                fail("graph.onnx", f"{what} is {CUSTOM_DOMAIN}::{node.op_type}; that domain has only {MVM_OP} and {RECURRENT_OP}")
+    counts = np.bincount(np.array(referenced, dtype=np.int64), minlength=len(layers))
+    if layers and (counts != 1).any():
+        index = int(np.flatnonzero(counts != 1)[0])
+        fail("graph.onnx", f"layer {index} is run by {int(counts[index])} crossbar nodes; each layer runs exactly once")
+    functions = [f for f in graph.functions]
+    while functions:
+        inner = functions.pop()
+        for node in inner.node:
+            if node.domain == CUSTOM_DOMAIN:
+                fail("graph.onnx", f"crossbar node '{node.name}' inside a function; the runtime runs them in graphs only")
+            for attr in node.attribute:
+                functions.extend(([attr.g] if attr.HasField("g") else []) + list(attr.graphs))
+
+
+def _mvm_node(node: onnx.NodeProto, what: str, layers: int) -> int:
+    attrs = {a.name: a for a in node.attribute}
+    layer = attrs.get("layer")
+    if set(attrs) != {"layer"} or layer.type != onnx.AttributeProto.INT:
+        fail("graph.onnx", f"{what} ({MVM_OP}) must have exactly one attribute, the integer 'layer'")
+    if not 0 <= layer.i < layers:
+        fail("graph.onnx", f"{what} ({MVM_OP}) has layer={layer.i}; the mapping has layers 0..{layers - 1}")
+    if len(node.input) != 1 or len(node.output) != 1 or not node.input[0] or not node.output[0]:
+        fail("graph.onnx", f"{what} ({MVM_OP}) must have one input and one output")
+    return layer.i
+
+
+RECURRENT_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
+RECURRENT_ACTIVATIONS = {"LSTM": 3, "GRU": 2, "RNN": 1}
+ACTIVATIONS = ("Sigmoid", "Tanh", "Relu", "Affine", "LeakyRelu", "ThresholdedRelu", "ScaledTanh", "HardSigmoid", "Elu", "Softsign", "Softplus")
+_RECURRENT_TYPES = {
+    "op": onnx.AttributeProto.STRING, "hidden_size": onnx.AttributeProto.INT, "directions": onnx.AttributeProto.INT,
+    "direction": onnx.AttributeProto.STRING, "layout": onnx.AttributeProto.INT, "linear_before_reset": onnx.AttributeProto.INT,
+    "input_forget": onnx.AttributeProto.INT, "activations": onnx.AttributeProto.STRINGS, "w_layers": onnx.AttributeProto.INTS,
+    "r_layers": onnx.AttributeProto.INTS, "activation_alpha": onnx.AttributeProto.FLOATS, "activation_beta": onnx.AttributeProto.FLOATS,
+}
+
+
+def _recurrent_node(node: onnx.NodeProto, what: str, layers: tuple[Layer, ...]) -> list[int]:
+    """A CrossbarRecurrent node: attributes of the types and ranges runtime/recurrent.py reads, and
+    W / R layers of the shapes its gates need. Returns the layers it runs."""
+    attrs = {a.name: a for a in node.attribute}
+    if not set(_RECURRENT_TYPES) <= set(attrs) <= set(_RECURRENT_TYPES) | {"clip"}:
+        fail("graph.onnx", f"{what} ({RECURRENT_OP}) must have exactly the attributes {sorted(_RECURRENT_TYPES)} (and clip)")
+    for name, kind in {**_RECURRENT_TYPES, "clip": onnx.AttributeProto.FLOAT}.items():
+        if name in attrs and attrs[name].type != kind:
+            fail("graph.onnx", f"{what} ({RECURRENT_OP}): attribute '{name}' has the wrong type")
+    value = {name: helper.get_attribute_value(a) for name, a in attrs.items()}
+    op = value["op"].decode(errors="replace")
+    hidden, directions = value["hidden_size"], value["directions"]
+    direction = value["direction"].decode(errors="replace")
+    rule = None
+    if op not in RECURRENT_GATES:
+        rule = f"op must be one of {sorted(RECURRENT_GATES)}"
+    elif not 1 <= hidden <= GEOMETRY_INT_MAX or directions not in (1, 2):
+        rule = "hidden_size must be in 1..65536 and directions 1 or 2"
+    elif direction not in ("forward", "reverse", "bidirectional") or (direction == "bidirectional") != (directions == 2):
+        rule = "direction must be forward, reverse or bidirectional, and bidirectional exactly when directions is 2"
+    elif any(value[k] not in (0, 1) for k in ("layout", "linear_before_reset", "input_forget")):
+        rule = "layout, linear_before_reset and input_forget must be 0 or 1"
+    elif not len(value["activations"]) == len(value["activation_alpha"]) == len(value["activation_beta"]) == RECURRENT_ACTIVATIONS[op] * directions:
+        rule = f"{op} needs {RECURRENT_ACTIVATIONS[op]} activations per direction, each with an alpha and a beta"
+    elif any(a.decode(errors="replace") not in ACTIVATIONS for a in value["activations"]):
+        rule = f"activations must be among {', '.join(ACTIVATIONS)}"
+    elif not all(math.isfinite(v) for v in [*value["activation_alpha"], *value["activation_beta"]]):
+        rule = "activation_alpha and activation_beta must be finite"
+    elif "clip" in value and not 0 < value["clip"] < math.inf:
+        rule = "clip must be a finite number > 0"
+    elif not 1 <= len(node.input) <= 5 or not node.input[0] or not 1 <= len(node.output) <= 3:
+        rule = "inputs must be X (given), then optionally sequence_lens, initial_h, initial_c, P; and 1 to 3 outputs"
+    if rule:
+        fail("graph.onnx", f"{what} ({RECURRENT_OP}): {rule}")
+    gates = RECURRENT_GATES[op]
+    split = op == "GRU" and not value["linear_before_reset"]  # R_zr and R_h: R_h multiplies r * h
+    r_outputs = [2 * hidden, hidden] if split else [gates * hidden]
+    w_layers, r_layers = list(value["w_layers"]), list(value["r_layers"])
+    if len(w_layers) != directions or len(r_layers) != directions * len(r_outputs):
+        fail("graph.onnx", f"{what} ({RECURRENT_OP}): needs {directions} W layer(s) and {directions * len(r_outputs)} R layer(s)")
+    expected = [(w, None, gates * hidden) for w in w_layers]
+    expected += [(r, hidden, r_outputs[i % len(r_outputs)]) for i, r in enumerate(r_layers)]
+    for index, rows, outputs in expected:
+        if not 0 <= index < len(layers):
+            fail("graph.onnx", f"{what} ({RECURRENT_OP}) names layer {index}; the mapping has layers 0..{len(layers) - 1}")
+        layer = layers[index]
+        groups, k, n = layer.weight.shape
+        if layer.kind != "dense" or groups != 1 or n != outputs or (rows is not None and k != rows):
+            fail("graph.onnx", f"{what} ({RECURRENT_OP}): layer {index} has shape {[groups, k, n]}; its gates need "
+                 f"[1, {rows if rows is not None else 'inputs'}, {outputs}] (dense)")
+    return w_layers + r_layers
 
 
 # --- the whole program -------------------------------------------------------------------------
@@ -631,7 +712,7 @@ def build_program(manifest: dict, blobs: dict[str, bytes]) -> Program:
     schedule = build_schedule(manifest["schedule"], blobs, layers, options, hardware)
     parse_onnx("model.onnx", blobs["model.onnx"])
     graph = parse_onnx("graph.onnx", blobs["graph.onnx"])
-    check_runtime_graph(graph, len(layers))
+    check_runtime_graph(graph, layers)
     return Program(
         model=blobs["model.onnx"], graph=graph, layers=layers, options=options, hardware=hardware, history=history,
         placement=placement, digital_nodes=tuple(digital), schedule=schedule,
