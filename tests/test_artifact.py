@@ -271,6 +271,16 @@ def _huge_header(members, manifest):
     members["arrays/0/levels.npy"] = data[:8] + (end - 10).to_bytes(2, "little") + claimed.ljust(end - 11).encode("latin1") + b"\n" + data[end:]
 
 
+def _undecodable_graph_name(members, manifest):
+    import onnx
+
+    model = onnx.load_model_from_string(members["graph.onnx"])
+    model.graph.name = "GRAPHNAME"
+    data = bytearray(model.SerializeToString())
+    data[data.find(b"GRAPHNAME")] = 0xF4  # not a UTF-8 start byte
+    members["graph.onnx"] = bytes(data)
+
+
 # case: (edit, regex the message must match); cases marked * edit the scheduled mapping (one
 # layer, 4-bit cells, orders, stale cells and a schedule), the others the small CNN's
 CRAFTED = {
@@ -294,6 +304,7 @@ CRAFTED = {
     "missing member": (lambda m, j: m.pop("arrays/0/levels.npy"), "levels.npy"),
     "absurd array size": (lambda m, j: j["hardware"].update(rows=65536, cols=65536), "'hardware'.*65536 x 65536.*GiB limit"),
     "layer shape beyond its levels": (lambda m, j: j["layers"][1].update(weight_shape=[1, 2**31, 2**31]), "arrays/1/levels.npy.*cannot hold"),
+    "graph name not UTF-8": (_undecodable_graph_name, "graph.onnx.*graph.name is not valid UTF-8"),
     "crossbar layer 99": (_graph_edit("graph.onnx", lambda g: setattr(_mvm(g).attribute[0], "i", 99)), "graph.onnx.*layer=99"),
     "graph input of no ONNX type": (_graph_edit("graph.onnx", lambda g: setattr(g.graph.input[0].type.tensor_type, "elem_type", 99)), "graph.onnx.*element type 99"),
     "crossbar without layer": (_graph_edit("graph.onnx", lambda g: _mvm(g).ClearField("attribute")), "graph.onnx.*'layer'"),

@@ -544,10 +544,35 @@ def parse_onnx(name: str, data: bytes) -> onnx.ModelProto:
         model = onnx.load_model_from_string(data)
     except (DecodeError, ValueError, RuntimeError) as exc:
         fail(name, f"not a readable ONNX model ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")
+    bad_text = _undecodable_text(model)
+    if bad_text:
+        fail(name, f"{bad_text} is not valid UTF-8 text")
     for tensor, where in _tensors(model):
         if tensor.data_location == onnx.TensorProto.EXTERNAL or len(tensor.external_data):
             fail(name, f"tensor '{tensor.name}' ({where}) refers to external data; a mapping is self-contained and external data is never read")
     return model
+
+
+def _undecodable_text(message) -> str | None:
+    """The first text field (names, op types, doc strings, ...) whose bytes are not UTF-8, or None.
+
+    ONNX's protobuf is proto2, which does not check text when parsing: such a field reads as bytes,
+    and a UnicodeDecodeError surfaces wherever it is used later (graph building, ONNX Runtime)."""
+    stack = [(message, type(message).__name__)]
+    while stack:
+        current, where = stack.pop()
+        for field in current.DESCRIPTOR.fields:
+            if field.type == field.TYPE_STRING:
+                values = getattr(current, field.name)
+                if any(isinstance(v, bytes) for v in (values if field.is_repeated else [values])):
+                    return f"{where}.{field.name}"
+            elif field.type == field.TYPE_MESSAGE:
+                value = getattr(current, field.name)
+                if field.is_repeated:
+                    stack.extend((item, f"{where}.{field.name}[{i}]") for i, item in enumerate(value))
+                elif current.HasField(field.name):
+                    stack.append((value, f"{where}.{field.name}"))
+    return None
 
 
 def _tensors(model: onnx.ModelProto):
