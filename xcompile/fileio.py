@@ -23,8 +23,8 @@ def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
         fd, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial" + target.suffix)
     except OSError as exc:
         raise XCompileError(f"cannot write '{target}': {exc.strerror or exc}") from None
-    os.close(fd)
     try:
+        os.close(fd)
         yield Path(temp)
         with open(temp, "rb+") as handle:
             os.fsync(handle.fileno())
