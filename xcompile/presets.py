@@ -46,6 +46,15 @@ _CONVERTERS = dict(
     adc_range=("calibrated", f"{ASSUMED}: ADC full scale per tile from calibration data"),
 )
 
+# drivers, sense amplifiers, converters and programming spread of the rram presets, whatever the wiring
+_RRAM_PERIPHERY = dict(
+    r_source=(100.0, f"{ASSUMED}: row driver output resistance"),
+    r_sink=(100.0, f"{ASSUMED}: column sense (virtual ground) input resistance"),
+    **_CONVERTERS,
+    variation=("lognormal", f"{ASSUMED}: multiplicative spread around the target"),
+    sigma=(0.05, f"{ASSUMED}: 5% after write-verify"),
+)
+
 CATALOGUE: dict[str, Preset] = {
     p.name: p
     for p in (
@@ -55,11 +64,7 @@ CATALOGUE: dict[str, Preset] = {
             "a 1T1R RRAM macro with 1 kOhm cells on a 45-65 nm metal stack, 8-bit converters, 5% programming spread",
             **_RRAM_WINDOW,
             r_wire=(2.5, f"inside the 2-10 ohm per cell of 45-65 nm wiring: {WAGONN}"),
-            r_source=(100.0, f"{ASSUMED}: row driver output resistance"),
-            r_sink=(100.0, f"{ASSUMED}: column sense (virtual ground) input resistance"),
-            **_CONVERTERS,
-            variation=("lognormal", f"{ASSUMED}: multiplicative spread around the target"),
-            sigma=(0.05, f"{ASSUMED}: 5% after write-verify"),
+            **_RRAM_PERIPHERY,
         ),
         _preset(
             "rram-harsh",
@@ -81,11 +86,7 @@ CATALOGUE: dict[str, Preset] = {
             "the rram preset on 7 nm wiring: the same devices and converters, 20 ohm per cell",
             **_RRAM_WINDOW,
             r_wire=(20.0, f"7 nm wiring: {WAGONN}"),
-            r_source=(100.0, f"{ASSUMED}: row driver output resistance"),
-            r_sink=(100.0, f"{ASSUMED}: column sense (virtual ground) input resistance"),
-            **_CONVERTERS,
-            variation=("lognormal", f"{ASSUMED}: multiplicative spread around the target"),
-            sigma=(0.05, f"{ASSUMED}: 5% after write-verify"),
+            **_RRAM_PERIPHERY,
         ),
         _preset(
             "pcm",
