@@ -11,33 +11,39 @@ import dataclasses
 
 import numpy as np
 
-from xcompile.ir import Layer, PassResult, Program, frozen_array
+from xcompile.ir import Layer, Program, frozen_array
 from xcompile.passes.encode import logical_cells, physical_cells
-
-NAME = "assign"
-
-
-def run(program: Program, progress=None) -> PassResult:
-    hw, opts = program.hardware, program.options
-    dtype = np.float32 if opts.ideal else (np.uint8 if opts.cell_bits <= 8 else np.uint16)
-    top = 2**opts.weight_bits - 1
-    layers = []
-    for layer in program.layers:
-        layers.append(_assign(layer, hw.rows, hw.cols, dtype, top, opts.cell_bits))
-        if progress:
-            progress()
-    return PassResult(program.replace_layers(layers), changed=True)
+from xcompile.passes.infra import Pass, PassContext, PassResult
 
 
-def _assign(layer: Layer, rows: int, cols: int, dtype, top: int, cell_bits: int) -> Layer:
-    if layer.tiling is None or layer.encoding is None or layer.scale is None:
-        raise ValueError(f"layer '{layer.name}': assignment needs quantisation, encoding and tiling first")
+class Assign(Pass):
+    name = "assign"
+    options = ("cell_bits", "g_on", "g_off")
+    lowers = True
+
+    def requires(self, program: Program) -> None:
+        for layer in program.layers:
+            if layer.tiling is None or layer.encoding is None or layer.scale is None:
+                self.fail(f"layer '{layer.name}': assignment needs quantisation, encoding and tiling first")
+
+    def call(self, program: Program, context: PassContext) -> PassResult:
+        opts = program.options
+        dtype = np.float32 if opts.ideal else (np.uint8 if opts.cell_bits <= 8 else np.uint16)
+        top = 2**opts.weight_bits - 1
+        layers = []
+        for layer in program.layers:
+            layers.append(_assign(layer, dtype, top, opts.cell_bits))
+            context.step()
+        return PassResult(program.replace_layers(layers), changed=True)
+
+
+def _assign(layer: Layer, dtype, top: int, cell_bits: int) -> Layer:
     step = layer.output_step()
     signed = layer.weight_q if layer.weight_q is not None else layer.weight / (np.float32(step) if layer.channel_scale is None else step)
     t = layer.tiling
-    levels = np.zeros((t.count, rows, cols), dtype=dtype)
-    for i in range(t.count):
-        logical = logical_cells(layer.encoding.name, layer.block(t.row_range[i], t.out_range[i], signed), top)
+    levels = np.zeros((t.count, t.rows, t.cols), dtype=dtype)
+    for i, row_range, out_range in layer.tiles():
+        logical = logical_cells(layer.encoding.name, layer.block(row_range, out_range, signed), top)
         cells = physical_cells(layer.encoding, logical, cell_bits)
         levels[i, : cells.shape[0], : cells.shape[1]] = cells
     return dataclasses.replace(layer, levels=frozen_array(levels))

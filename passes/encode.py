@@ -24,10 +24,9 @@ import math
 import numpy as np
 
 from xcompile.errors import XCompileError
-from xcompile.ir import Encoding, Layer, PassResult, Program, frozen_array
+from xcompile.ir import Encoding, Layer, Program, frozen_array
+from xcompile.passes.infra import Pass, PassContext, PassResult
 from xcompile.passes.quantize import quantise
-
-NAME = "encode"
 
 # logical layout per encoding: (columns per output, shared columns, terms (offset, step, coeff))
 _LOGICAL = {
@@ -37,23 +36,32 @@ _LOGICAL = {
 }
 
 
-def run(program: Program, progress=None) -> PassResult:
-    opts, hw = program.options, program.hardware
-    encoding = encoding_for(opts)
-    _check_fits(encoding, opts, hw.cols)
-    top = 2**opts.weight_bits - 1
-    per_channel = opts.weight_scale == "channel"
-    layers = []
-    for layer in program.layers:
-        layer = dataclasses.replace(layer, encoding=encoding)
-        if opts.encoding == "offset":
-            layer = quantise(layer, (top + 1) // 2 - 1, opts.ideal, per_channel)
-        elif opts.encoding == "acm":
-            layer = _fit_acm(layer, top, encoding.outputs_per_tile(hw.cols), opts.acm_fit, opts.ideal, per_channel)
-        layers.append(layer)
-        if progress:
-            progress()
-    return PassResult(program.replace_layers(layers), changed=bool(layers))
+class Encode(Pass):
+    name = "encode"
+    options = ("encoding", "acm_fit", "cell_bits")
+    lowers = True
+
+    def requires(self, program: Program) -> None:
+        for layer in program.layers:
+            if layer.scale is None:
+                self.fail(f"layer '{layer.name}' is not quantised (run quantize first)")
+
+    def call(self, program: Program, context: PassContext) -> PassResult:
+        opts, hw = program.options, program.hardware
+        encoding = encoding_for(opts)
+        _check_fits(encoding, opts, hw.cols)
+        top = 2**opts.weight_bits - 1
+        per_channel = opts.weight_scale == "channel"
+        layers = []
+        for layer in program.layers:
+            layer = dataclasses.replace(layer, encoding=encoding)
+            if opts.encoding == "offset":
+                layer = quantise(layer, (top + 1) // 2 - 1, opts.ideal, per_channel)
+            elif opts.encoding == "acm":
+                layer = _fit_acm(layer, top, encoding.outputs_per_tile(hw.cols), opts.acm_fit, opts.ideal, per_channel)
+            layers.append(layer)
+            context.step()
+        return PassResult(program.replace_layers(layers), changed=bool(layers))
 
 
 def encoding_for(options) -> Encoding:

@@ -16,25 +16,30 @@ import dataclasses
 
 import numpy as np
 
-from xcompile.ir import Layer, PassResult, Program, frozen_array
+from xcompile.ir import Layer, Program, frozen_array
+from xcompile.passes.infra import Pass, PassContext, PassResult, PostconditionError
 
-NAME = "quantize"
 
+class Quantize(Pass):
+    name = "quantize"
+    options = ("weight_bits", "weight_scale", "ideal")
 
-def run(program: Program, progress=None) -> PassResult:
-    opts = program.options
-    top = 2**opts.weight_bits - 1
-    layers = []
-    for layer in program.layers:
-        quantised = quantise(layer, top, opts.ideal, opts.weight_scale == "channel")
-        notes = {**layer.notes, "rounded_to_zero": round(_rounded_to_zero(layer, top), 4)}
-        layers.append(dataclasses.replace(quantised, notes=notes))
-        if progress:
-            progress()
-    for layer in layers:
-        if layer.weight_q is not None:
-            assert int(np.abs(layer.weight_q).max(initial=0)) <= top, "postcondition: levels within the weight bits"
-    return PassResult(program.replace_layers(layers), changed=True)
+    def call(self, program: Program, context: PassContext) -> PassResult:
+        opts = program.options
+        top = 2**opts.weight_bits - 1
+        layers = []
+        for layer in program.layers:
+            quantised = quantise(layer, top, opts.ideal, opts.weight_scale == "channel")
+            notes = {**layer.notes, "rounded_to_zero": round(_rounded_to_zero(layer, top), 4)}
+            layers.append(dataclasses.replace(quantised, notes=notes))
+            context.step()
+        return PassResult(program.replace_layers(layers), changed=True)
+
+    def ensures(self, program: Program) -> None:
+        top = 2**program.options.weight_bits - 1
+        for layer in program.layers:
+            if layer.scale is None or (layer.weight_q is not None and int(np.abs(layer.weight_q).max(initial=0)) > top):
+                self.fail(f"layer '{layer.name}' has levels beyond {program.options.weight_bits} weight bits", PostconditionError)
 
 
 def quantise(layer: Layer, limit: int, ideal: bool, per_channel: bool) -> Layer:

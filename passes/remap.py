@@ -52,59 +52,71 @@ import numpy as np
 import onnx
 
 from xcompile.config import Hardware
-from xcompile.ir import Encoding, Layer, PassResult, Program, frozen_array
+from xcompile.ir import Encoding, Layer, Program, frozen_array
 from xcompile.passes.encode import encoding_for
-from xcompile.probe import Calibration, GainProbe
+from xcompile.passes.infra import Pass, PassContext, PassResult, PreconditionError
+from xcompile.probe import GainProbe
 from xcompile.runtime import devices
 from xcompile.runtime.physics import effective_conductance
 
-NAME = "remap"
 TAYLOR_STEP = 0.01  # relative gain step of the central difference
 DYNAMIC_ROUNDS = 12  # a cap only: a layer's search stops at the first round without gain
 DYNAMIC_CANDIDATES = 6  # placements simulated per round
 SEARCH_SEED = 0  # seeds the random transpositions: the same model compiles to the same placement
 
 
-def run(program: Program, progress=None, calibration: Calibration | None = None) -> PassResult:
-    opts = program.options
-    if opts.remap == "none":
-        return PassResult(program, changed=False)
-    encoding = encoding_for(opts)
-    kept = kept_current(program.hardware, encoding)
-    per_tile = encoding.outputs_per_tile(program.hardware.cols)
-    if opts.remap_rows:
-        row_kept = kept_current(program.hardware, encoding, axis=1)
-        program = program.replace_layers([_rows_reordered(layer, row_kept) if layer.groups == 1 else layer for layer in program.layers])
-    movable = [layer for layer in program.layers if layer.groups == 1]
-    dynamic_notes: dict[int, dict] = {}
-    if opts.remap == "sparse":
-        orders = {layer.index: _sparse_order(layer, kept, per_tile) for layer in movable}
-    else:
-        probe = GainProbe(program, calibration) if opts.needs_calibration else None
-        orders = {}
-        if opts.remap == "chain":
-            consumers = {} if program.hardware.wires_ideal else channel_consumers(program)
-            for layer in movable:  # network order: a layer's consumer is still in its own order when it is placed
-                if layer.index in consumers:
-                    orders[layer.index] = _matched_placement(program, layer, *consumers[layer.index])
-                else:
-                    orders[layer.index] = _median_placement(_sensitivity(opts.sensitivity, layer, probe, kept, per_tile), kept, per_tile)
+class Remap(Pass):
+    name = "remap"
+    options = ("remap", "sensitivity", "remap_rows", "r_wire", "r_source", "r_sink")
+
+    def requires(self, program: Program) -> None:
+        for layer in program.layers:
+            if layer.scale is None or layer.encoding is not None:
+                self.fail(f"layer '{layer.name}': remapping runs on quantised layers before encoding")
+
+    def record(self, program: Program, context: PassContext) -> dict:
+        data = context.calibration if program.options.needs_calibration else None
+        return {**super().record(program, context), "calibration": None if data is None else data.describe()}
+
+    def call(self, program: Program, context: PassContext) -> PassResult:
+        opts = program.options
+        if opts.remap == "none":
+            return PassResult(program, changed=False)
+        encoding = encoding_for(opts)
+        kept = kept_current(program.hardware, encoding)
+        per_tile = encoding.outputs_per_tile(program.hardware.cols)
+        if opts.remap_rows:
+            row_kept = kept_current(program.hardware, encoding, axis=1)
+            program = program.replace_layers([_rows_reordered(layer, row_kept) if layer.groups == 1 else layer for layer in program.layers])
+        movable = [layer for layer in program.layers if layer.groups == 1]
+        dynamic_notes: dict[int, dict] = {}
+        if opts.remap == "sparse":
+            orders = {layer.index: _sparse_order(layer, kept, per_tile) for layer in movable}
         else:
-            for layer in movable:
-                orders[layer.index] = _placement(_sensitivity(opts.sensitivity, layer, probe, kept, per_tile), kept, per_tile)
-        if opts.remap == "dynamic":
-            if program.hardware.wires_ideal:
-                warnings.warn("remap 'dynamic': the hardware has ideal wires (r_wire = 0), nothing to measure; static order kept", stacklevel=3)
+            probe = GainProbe(program, context.calibration) if opts.needs_calibration else None
+            orders = {}
+            if opts.remap == "chain":
+                consumers = {} if program.hardware.wires_ideal else channel_consumers(program)
+                for layer in movable:  # network order: a layer's consumer is still in its own order when it is placed
+                    if layer.index in consumers:
+                        orders[layer.index] = _matched_placement(program, context.lower, layer, *consumers[layer.index])
+                    else:
+                        orders[layer.index] = _median_placement(_sensitivity(opts.sensitivity, layer, probe, kept, per_tile), kept, per_tile)
             else:
-                orders, dynamic_notes = _dynamic(program, probe, orders, per_tile)
-    layers = []
-    for layer in program.layers:
-        if layer.index in orders:
-            layer = _reordered(layer, orders[layer.index], opts.remap, dynamic_notes.get(layer.index, {}))
-        layers.append(layer)
-        if progress:
-            progress()
-    return PassResult(program.replace_layers(layers), changed=bool(orders))
+                for layer in movable:
+                    orders[layer.index] = _placement(_sensitivity(opts.sensitivity, layer, probe, kept, per_tile), kept, per_tile)
+            if opts.remap == "dynamic":
+                if program.hardware.wires_ideal:
+                    warnings.warn("remap 'dynamic': the hardware has ideal wires (r_wire = 0), nothing to measure; static order kept", stacklevel=3)
+                else:
+                    orders, dynamic_notes = _dynamic(_InTheLoop(program, probe, orders, context), probe, orders, per_tile)
+        layers = []
+        for layer in program.layers:
+            if layer.index in orders:
+                layer = _reordered(layer, orders[layer.index], opts.remap, dynamic_notes.get(layer.index, {}))
+            layers.append(layer)
+            context.step()
+        return PassResult(program.replace_layers(layers), changed=bool(orders))
 
 
 def kept_current(hw: Hardware, encoding: Encoding, axis: int = 0) -> np.ndarray:
@@ -188,22 +200,23 @@ def channel_consumers(program: Program) -> dict[int, tuple[Layer, np.ndarray]]:
     return found
 
 
-def _matched_placement(program: Program, layer: Layer, consumer: Layer, channel: np.ndarray) -> np.ndarray:
+def _matched_placement(program: Program, lower, layer: Layer, consumer: Layer, channel: np.ndarray) -> np.ndarray:
     """Chain-gain matching. Output k's signal reaches the next layer scaled twice: by the gain of
     the crossbar column it sits in, about p_q u_k (p_q: what position q keeps, u_k: what output k's
     own load costs it), and by the gain t_k of the next layer's rows that read it. Positions sorted
     by p (lowest first) take the outputs sorted by u t (highest first), so that the products
     p u t are as even as the profiles allow (the rearrangement inequality: the assignment that
     minimises the spread of log p + log u t). p comes from a tile whose columns all carry the
-    layer's average column, u from the layer's own tiles in its own order, both by the exact G_eff."""
-    expected, effective = _effective_matrices(program, _compiled(program, [consumer]).layers[0])
+    layer's average column, u from the layer's own tiles in its own order, both by the exact G_eff.
+    `lower`: the passes that put layers into cells."""
+    expected, effective = _effective_matrices(program, lower(program.replace_layers([consumer])).layers[0])
     power = np.zeros(layer.outputs)
     cross = np.zeros(layer.outputs)
     reads = channel >= 0
     np.add.at(power, channel[reads], np.square(expected[reads]).sum(axis=1))
     np.add.at(cross, channel[reads], (expected * effective)[reads].sum(axis=1))
     downstream = _gains(cross, power)
-    compiled = _compiled(program, [layer]).layers[0]
+    compiled = lower(program.replace_layers([layer])).layers[0]
     expected, effective = _effective_matrices(program, compiled)
     own = _gains((expected * effective).sum(axis=0), np.square(expected).sum(axis=0))  # output k sits at position k
     profile = _position_profile(program, compiled)
@@ -351,7 +364,7 @@ def _reordered(layer: Layer, order: np.ndarray, mode: str, notes: dict | None = 
     )
 
 
-def _dynamic(program: Program, probe: GainProbe, orders: dict[int, np.ndarray], per_tile: int) -> tuple[dict, dict]:
+def _dynamic(loop: "_InTheLoop", probe: GainProbe, orders: dict[int, np.ndarray], per_tile: int) -> tuple[dict, dict]:
     """Local search with the non-ideal model in the loop, layer by layer in network order.
 
     Start from whichever of the layer's own order and the static order simulates better; then
@@ -360,7 +373,6 @@ def _dynamic(program: Program, probe: GainProbe, orders: dict[int, np.ndarray], 
     layer reprogrammed), and move to the best if it lowers the calibration loss; stop when a
     round does not. Returns the orders and, per layer, what the search did (for `inspect`).
     """
-    loop = _InTheLoop(program, probe, orders)
     loss = loop.loss()
     notes = {}
     for index in list(orders):
@@ -375,7 +387,7 @@ def _dynamic(program: Program, probe: GainProbe, orders: dict[int, np.ndarray], 
         else:
             loop.place(index, orders[index])
         for round_ in range(DYNAMIC_ROUNDS):
-            gains = loop.gains()
+            gains = loop.simulator.gains()
             kept_here = gains[index][orders[index]]  # what each position keeps in the current mapping
             candidates = [_placement(_sensitivity("taylor", layer, probe, kept_here, per_tile, base=gains), kept_here, per_tile)]
             rng = np.random.default_rng([SEARCH_SEED, index, round_])
@@ -405,50 +417,21 @@ def _dynamic(program: Program, probe: GainProbe, orders: dict[int, np.ndarray], 
 
 class _InTheLoop:
     """The calibration data run on the configured hardware (one fixed trial), with one layer
-    reprogrammed at a time: the oracle of the dynamic search."""
+    reprogrammed at a time: the oracle of the dynamic search, on the context's simulator."""
 
-    def __init__(self, program: Program, probe: GainProbe, orders: dict[int, np.ndarray]):
-        from xcompile.runtime.session import Session
-
+    def __init__(self, program: Program, probe: GainProbe, orders: dict[int, np.ndarray], context: PassContext):
+        if context.simulator is None or context.lower is None:
+            raise PreconditionError("pass 'remap': remap 'dynamic' simulates the network, so its context needs a simulator and the lowering passes (the pipeline gives both)")
         self.probe = probe
+        self.lower = lambda layers: context.lower(program.replace_layers(layers))
         self.source = {layer.index: layer for layer in program.layers}
-        self.program = program
-        self.feeds = {probe.input_name: probe.x}
-        compiled = _compiled(program, [_reordered(layer, orders[i], "dynamic") if i in orders else layer for i, layer in self.source.items()])
-        self.layers = {layer.index: layer for layer in compiled.layers}
+        compiled = self.lower([_reordered(layer, orders[i], "dynamic") if i in orders else layer for i, layer in self.source.items()])
         # the deterministic physics only: one placement serves every chip, so no device draw
         deterministic = dataclasses.replace(program.hardware, sigma=0.0, variation="none", stuck_off_rate=0.0, stuck_on_rate=0.0, read_noise=0.0)
-        self.session = Session(compiled, calibration=self.feeds, hardware=deterministic)
+        self.simulator = context.simulator(compiled, {probe.input_name: probe.x}, deterministic)
 
     def place(self, index: int, order: np.ndarray) -> None:
-        layer = _compiled(self.program, [_reordered(self.source[index], order, "dynamic")]).layers[0]
-        self.layers[index] = layer
-        self.session.reprogram(layer, self.feeds)
+        self.simulator.reprogram(self.lower([_reordered(self.source[index], order, "dynamic")]).layers[0])
 
     def loss(self) -> float:
-        return float(self.probe.sample_losses(self.session.run(None, self.feeds)[0]).mean())
-
-    def gains(self) -> dict[int, np.ndarray]:
-        """Per layer output, the least-squares gain of the crossbars' output over the exact one."""
-        from xcompile.runtime.crossbar import effective_weights
-
-        _, traces = self.session.trace(self.feeds)
-        gains = {}
-        for index, layer in self.layers.items():
-            if layer.groups != 1:
-                continue
-            rows, measured = traces[index]
-            exact = layer.restore_order(layer.order_inputs(rows.astype(np.float64)) @ effective_weights(layer)[0])
-            power = np.square(exact).sum(axis=0)
-            gains[index] = np.where(power > 0, (measured * exact).sum(axis=0) / np.where(power > 0, power, 1.0), 1.0)
-        return gains
-
-
-def _compiled(program: Program, layers: list[Layer]) -> Program:
-    """`layers` through the passes after this one (encode, tile, assign)."""
-    from xcompile.passes import assign, encode, tile
-
-    compiled = program.replace_layers(layers)
-    for downstream in (encode, tile, assign):
-        compiled = downstream.run(compiled).program
-    return compiled
+        return float(self.probe.sample_losses(self.simulator.outputs()[0]).mean())

@@ -24,9 +24,10 @@ two passes from an erased chip.
   (`Layer.stale_cells`, `stale_levels`) and the runtime computes with them, so the accuracy cost
   is measured.
 
-It runs after `assign` (the counts need the cell levels); `sorted` assigns the permuted rows
-again. The schedule (`Program.schedule`) and each tile's physical crossbar (`Tiling.crossbar`,
-and `crossbar` / `round` on the placement graph's tile nodes) are recorded in the program.
+It runs after `assign` (the counts need the cell levels); the sections are sorted before tiling
+(passes/sort_sections.py), and the rows' unsorted order is rebuilt here from the sorted levels. The
+schedule (`Program.schedule`) and each tile's physical crossbar (`Tiling.crossbar`, and `crossbar` /
+`round` on the placement graph's tile nodes) are recorded in the program.
 """
 
 from __future__ import annotations
@@ -37,72 +38,100 @@ import numba
 import numpy as np
 
 from xcompile.errors import XCompileError
-from xcompile.ir import Layer, PassResult, Program, frozen_array
-from xcompile.passes import assign
+from xcompile.ir import Layer, Program, frozen_array
 from xcompile.passes.encode import slices_of
+from xcompile.passes.infra import Pass, PassContext, PassResult
+from xcompile.passes.sort_sections import permuted_rows
 from xcompile.reprogramming import Schedule
 
-NAME = "schedule"
 CANDIDATES = 8  # tiles either side of its rank a crossbar is offered in a `sorted` round
 
 
-def run(program: Program, progress=None) -> PassResult:
-    opts = program.options
-    if opts.crossbars is None:
-        return PassResult(program, changed=False)
-    if not any(layer.tiling is not None and layer.tiling.count for layer in program.layers):
-        raise XCompileError(f"option 'crossbars' ({opts.crossbars}) asks for a reprogramming schedule, but the model has no crossbar tiles (no MVM layers)")
-    stuck_cells = None
-    if opts.stuck_slices and opts.stuck_fraction < 1:
-        slices = slices_of(program.layers[0].encoding)
-        stuck_cells = np.flatnonzero(np.tile(np.arange(program.hardware.cols) % slices < opts.stuck_slices, program.hardware.rows))
-    plans = [(program, _layer_loads)]
-    if opts.schedule == "sorted":  # sorted sections first; layer order stays a candidate, so sorted never writes more
-        plans.insert(0, (sorted_sections(program), _sorted_loads))
-    best = None
-    for candidate, make_loads in plans:
-        tiles = _TileTable(candidate.layers)
-        loads = make_loads(tiles, opts.crossbars)
-        counts, stale = _simulate(tiles, loads, opts.crossbars, stuck_cells, opts.stuck_fraction, opts.seed)
-        if best is None or counts["writes"].sum() < best[3]["writes"].sum():
-            best = (candidate, tiles, loads, counts, stale)
-    program, tiles, loads, counts, stale = best
-    schedule = Schedule(
-        crossbars=opts.crossbars,
-        order=opts.schedule,
-        stuck_fraction=float(opts.stuck_fraction),
-        stuck_slices=opts.stuck_slices,
-        seed=opts.seed,
-        layer=frozen_array(tiles.layer[loads.tile], np.int64),
-        tile=frozen_array(tiles.local[loads.tile], np.int64),
-        crossbar=frozen_array(loads.crossbar, np.int64),
-        round=frozen_array(loads.round, np.int64),
-        **{name: frozen_array(values, np.int64) for name, values in counts.items()},
-    )
-    layers = []
-    for layer in program.layers:
-        layers.append(_placed(layer, schedule, stale.get(layer.index)))
-        if progress:
-            progress()
-    return PassResult(
-        dataclasses.replace(program.replace_layers(layers), schedule=schedule, placement=_placement(program, schedule)),
-        changed=True,
-    )
+class Reprogram(Pass):
+    """The reprogramming schedule of T tiles on P physical crossbars."""
+
+    name = "schedule"
+    options = ("crossbars", "schedule", "stuck_fraction", "stuck_slices", "seed")
+
+    def requires(self, program: Program) -> None:
+        for layer in program.layers:
+            if layer.levels is None:
+                self.fail(f"layer '{layer.name}': a schedule counts cell writes, so it needs the levels (run assign first)")
+
+    def call(self, program: Program, context: PassContext) -> PassResult:
+        opts = program.options
+        if opts.crossbars is None:
+            return PassResult(program, changed=False)
+        if not any(layer.tiling is not None and layer.tiling.count for layer in program.layers):
+            raise XCompileError(f"option 'crossbars' ({opts.crossbars}) asks for a reprogramming schedule, but the model has no crossbar tiles (no MVM layers)")
+        stuck_cells = None
+        if opts.stuck_slices and opts.stuck_fraction < 1:
+            slices = slices_of(program.layers[0].encoding)
+            stuck_cells = np.flatnonzero(np.tile(np.arange(program.hardware.cols) % slices < opts.stuck_slices, program.hardware.rows))
+        plans = [(program, _layer_loads)]
+        if any(layer.row_sort is not None for layer in program.layers):  # sorted sections; unsorted layer order stays a candidate
+            plans = [(program, _sorted_loads), (program.replace_layers([_unsorted(layer) for layer in program.layers]), _layer_loads)]
+        best = None
+        for candidate, make_loads in plans:
+            tiles = _TileTable(candidate.layers)
+            loads = make_loads(tiles, opts.crossbars)
+            counts, stale = _simulate(tiles, loads, opts.crossbars, stuck_cells, opts.stuck_fraction, opts.seed)
+            if best is None or counts["writes"].sum() < best[3]["writes"].sum():
+                best = (candidate, tiles, loads, counts, stale)
+        program, tiles, loads, counts, stale = best
+        schedule = Schedule(
+            crossbars=opts.crossbars,
+            order=opts.schedule,
+            stuck_fraction=float(opts.stuck_fraction),
+            stuck_slices=opts.stuck_slices,
+            seed=opts.seed,
+            layer=frozen_array(tiles.layer[loads.tile], np.int64),
+            tile=frozen_array(tiles.local[loads.tile], np.int64),
+            crossbar=frozen_array(loads.crossbar, np.int64),
+            round=frozen_array(loads.round, np.int64),
+            **{name: frozen_array(values, np.int64) for name, values in counts.items()},
+        )
+        layers = []
+        for layer in program.layers:
+            layers.append(dataclasses.replace(_placed(layer, schedule, stale.get(layer.index)), row_sort=None))
+            context.step()
+        return PassResult(
+            dataclasses.replace(program.replace_layers(layers), schedule=schedule, placement=_placement(program, schedule)),
+            changed=True,
+        )
 
 
-def sorted_sections(program: Program) -> Program:
-    """Rows of every layer sorted by magnitude (largest first, within each group), cells assigned again."""
-    layers = []
-    for layer in program.layers:
-        source = layer.weight_q if layer.weight_q is not None else layer.weight
-        magnitude = np.abs(source.astype(np.float64)).sum(axis=2)  # [groups, Kg]
-        order = np.argsort(-magnitude, axis=1, kind="stable")
-        permute = lambda a: None if a is None else frozen_array(np.take_along_axis(a, order[:, :, None], axis=1))  # noqa: E731
-        input_order = (order + np.arange(layer.groups)[:, None] * layer.weight.shape[1]).reshape(-1)
-        if layer.input_order is not None:  # rows already moved (remap_rows): compose, row r now holds old row order[r]
-            input_order = layer.input_order[input_order]
-        layers.append(dataclasses.replace(layer, weight=permute(layer.weight), weight_q=permute(layer.weight_q), input_order=frozen_array(input_order, np.int64)))
-    return assign.run(program.replace_layers(layers)).program
+def _unsorted(layer: Layer) -> Layer:
+    """The layer with its rows back in their order before sorted sections. A cell's level depends
+    only on its own row's weights (passes/encode.py), so the rows of each column block's levels
+    move with the rows of the weights. Rows stay in their group, so a row whose source tile is not
+    placed (it holds only another group's outputs) holds the same structural-zero cells already."""
+    if layer.row_sort is None:
+        return layer
+    back = np.argsort(layer.row_sort)  # the row that was at r now sits at back[r]
+    padded = layer.tiling.rows * (int(layer.tiling.grid[:, 0].max(initial=0)) + 1)
+    levels = np.array(layer.levels)
+    for column_block in np.unique(layer.tiling.grid[:, 1]):
+        members = np.flatnonzero(layer.tiling.grid[:, 1] == column_block)
+        stacked = np.zeros((padded,) + levels.shape[2:], dtype=levels.dtype)
+        present = np.zeros(padded, dtype=bool)
+        for i in members:
+            (r0, r1) = layer.tiling.row_range[i]
+            stacked[r0:r1], present[r0:r1] = levels[i, : r1 - r0], True
+        for i in members:
+            (r0, r1) = layer.tiling.row_range[i]
+            source = back[r0:r1]
+            found = present[source]
+            levels[i, : r1 - r0][found] = stacked[source[found]]
+    input_order = layer.input_order[back]
+    return dataclasses.replace(
+        layer,
+        weight=permuted_rows(layer.weight, back),
+        weight_q=None if layer.weight_q is None else permuted_rows(layer.weight_q, back),
+        input_order=None if np.array_equal(input_order, np.arange(input_order.size)) else frozen_array(input_order),
+        levels=frozen_array(levels),
+        row_sort=None,
+    )
 
 
 class _TileTable:

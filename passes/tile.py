@@ -13,28 +13,34 @@ import networkx as nx
 import numpy as np
 
 from xcompile.errors import XCompileError
-from xcompile.ir import Layer, PassResult, Program, Tiling, frozen_array
+from xcompile.ir import Layer, Program, Tiling, frozen_array
+from xcompile.passes.infra import Pass, PassContext, PassResult
 
-NAME = "tile"
 
+class Tile(Pass):
+    name = "tile"
+    options = ("rows", "cols")
+    lowers = True
 
-def run(program: Program, progress=None) -> PassResult:
-    hw = program.hardware
-    graph = nx.DiGraph(name="placement", rows=hw.rows, cols=hw.cols)
-    layers, next_crossbar = [], 0
-    for layer in program.layers:
-        if layer.encoding is None:
-            raise ValueError(f"layer '{layer.name}': tiling needs an encoding first")
-        tiling = _tile(layer, hw.rows, layer.encoding.outputs_per_tile(hw.cols), next_crossbar, hw.cols)
-        if tiling.count == 0 and layer.weight.size > 0:
-            raise XCompileError(f"layer '{layer.name}': its {layer.rows_in} x {layer.outputs} weights fit on no {hw.rows} x {hw.cols} tile")
-        next_crossbar += tiling.count
-        layers.append(dataclasses.replace(layer, tiling=tiling))
-        _add_layer(graph, layers[-1])
-        if progress:
-            progress()
-    _connect_layers(graph, program)
-    return PassResult(dataclasses.replace(program.replace_layers(layers), placement=graph), changed=True)
+    def requires(self, program: Program) -> None:
+        for layer in program.layers:
+            if layer.encoding is None:
+                self.fail(f"layer '{layer.name}': tiling needs an encoding first")
+
+    def call(self, program: Program, context: PassContext) -> PassResult:
+        hw = program.hardware
+        graph = nx.DiGraph(name="placement", rows=hw.rows, cols=hw.cols)
+        layers, next_crossbar = [], 0
+        for layer in program.layers:
+            tiling = _tile(layer, hw.rows, layer.encoding.outputs_per_tile(hw.cols), next_crossbar, hw.cols)
+            if tiling.count == 0 and layer.weight.size > 0:
+                raise XCompileError(f"layer '{layer.name}': its {layer.rows_in} x {layer.outputs} weights fit on no {hw.rows} x {hw.cols} tile")
+            next_crossbar += tiling.count
+            layers.append(dataclasses.replace(layer, tiling=tiling, levels=None))
+            _add_layer(graph, layers[-1])
+            context.step()
+        _connect_layers(graph, program)
+        return PassResult(dataclasses.replace(program.replace_layers(layers), placement=graph), changed=True)
 
 
 def _tile(layer: Layer, rows: int, per_tile: int, first_crossbar: int, cols: int) -> Tiling:

@@ -26,7 +26,7 @@ def saved(mapping, tmp_path):
 def test_round_trip_keeps_every_layer_array_and_the_outputs(mapping, saved):
     loaded = xcompile.load(saved)
     assert loaded.options == mapping.options and loaded.hardware == mapping.hardware
-    assert [r.name for r in loaded.program.history] == ["quantize", "remap", "encode", "tile", "assign", "schedule"]
+    assert [r.name for r in loaded.program.history] == ["quantize", "remap", "encode", "sort_sections", "tile", "assign", "schedule"]
     for before, after in zip(mapping.layers, loaded.layers):
         assert before.name == after.name and before.geometry == after.geometry
         np.testing.assert_array_equal(before.weight_q, after.weight_q)  # what the levels encode

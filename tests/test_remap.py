@@ -242,11 +242,14 @@ def test_sparse_spreads_the_load_over_tiles_and_puts_empty_columns_last():
 
 
 def test_trace_returns_each_layers_vectors_and_outputs():
+    from xcompile.runtime.simulator import Simulator
+
     model = small_cnn(seed=8)
     x = _calibration(4)
-    session = xcompile.Session(xcompile.compile_model(model, progress=False, ideal=True))
-    outputs, traces = session.trace({"x": x})
-    fused = session.run(None, {"x": x})[0]  # ideal: one ONNX Runtime graph, float rounding apart from the traced steps
+    mapping = xcompile.compile_model(model, progress=False, ideal=True)
+    session = Simulator(mapping.program, {"x": x})
+    outputs, traces = session.trace()
+    fused = xcompile.Session(mapping).run(None, {"x": x})[0]  # ideal: one ONNX Runtime graph, float rounding apart from the traced steps
     np.testing.assert_allclose(outputs[0], fused, rtol=1e-5, atol=1e-5 * np.abs(fused).max())
     for layer in session.program.layers:
         rows, y = traces[layer.index]

@@ -3,6 +3,7 @@ stale cells of bit stucking that the runtime really computes with."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -14,7 +15,9 @@ from onnx import helper, numpy_helper
 import xcompile
 from xcompile.artifact import Mapping
 from xcompile.cli import main
-from xcompile.passes.schedule import sorted_sections
+from xcompile.passes.assign import Assign
+from xcompile.passes.sort_sections import SortSections
+from xcompile.passes.tile import Tile
 from xcompile.passes.encode import slices_of
 from xcompile.runtime.crossbar import effective_weights
 from builders import dense, model, small_cnn, tensor
@@ -51,6 +54,14 @@ def _run(mapping, x, **hardware):
     return xcompile.Session(mapping, **hardware).run(None, {"x": x})[0]
 
 
+def _sorted_sections(program):
+    """A compiled program with its sections sorted and tiled and assigned again (no schedule)."""
+    program = dataclasses.replace(program, options=dataclasses.replace(program.options, crossbars=1, schedule="sorted"))
+    for compiler_pass in (SortSections(), Tile(), Assign()):
+        program = compiler_pass(program).program
+    return dataclasses.replace(program, options=dataclasses.replace(program.options, crossbars=None, schedule="layer"))
+
+
 def _in_layer_order(layer, rows_first):
     """Per-group matrices [G, Kg, Ng] in crossbar row order, put back in the layer's input order."""
     groups, kg, ng = rows_first.shape
@@ -65,7 +76,7 @@ def test_sorted_sections_are_undone_exactly(build, encoding, weight_bits, cell_b
     onnx_model = build()
     options = dict(progress=False, encoding=encoding, weight_bits=weight_bits, cell_bits=cell_bits, **SMALL)
     plain = xcompile.compile_model(onnx_model, **options)
-    sorted_ = Mapping(sorted_sections(plain.program))  # the sections alone (the schedule may keep the own order)
+    sorted_ = Mapping(_sorted_sections(plain.program))  # the sections alone (the schedule may keep the own order)
     for before, after in zip(plain.layers, sorted_.layers):
         order, kg = after.input_order, after.weight.shape[1]
         assert sorted(order.tolist()) == list(range(after.rows_in))
@@ -83,12 +94,35 @@ def test_sorted_sections_are_undone_exactly(build, encoding, weight_bits, cell_b
     assert np.abs(_run(sorted_, x, **fine) - _run(plain, x, **fine)).max() <= 1e-4 * np.abs(expected).max()
 
 
+@pytest.mark.parametrize("encoding, weight_bits, cell_bits", [("dual", 8, 2), ("acm", 6, 3), ("offset", 8, 4)])
+@pytest.mark.parametrize("build", [small_cnn, _grouped_conv_and_transposed], ids=["conv+dense", "grouped+convT"])
+@pytest.mark.parametrize("remap_rows", [False, True])
+def test_the_schedule_rebuilds_the_unsorted_levels_exactly(build, encoding, weight_bits, cell_bits, remap_rows):
+    """The layer-order candidate of a sorted schedule comes from the sorted levels, rows moved back:
+    it must be the very program an unsorted compile gives, cell for cell."""
+    from xcompile.passes.schedule import _unsorted
+
+    options = dict(progress=False, encoding=encoding, weight_bits=weight_bits, cell_bits=cell_bits, **SMALL)
+    if remap_rows:
+        options.update(remap="static", remap_rows=True, r_wire=1.0)
+    plain = xcompile.compile_model(build(), **options)
+    for before, after in zip(plain.layers, _sorted_sections(plain.program).layers):
+        assert after.row_sort is not None and not np.array_equal(after.levels, before.levels)
+        back = _unsorted(after)
+        np.testing.assert_array_equal(back.levels, before.levels)
+        np.testing.assert_array_equal(back.weight_q, before.weight_q)
+        np.testing.assert_array_equal(back.weight, before.weight)
+        assert (back.input_order is None) == (before.input_order is None)
+        if before.input_order is not None:
+            np.testing.assert_array_equal(back.input_order, before.input_order)
+
+
 def test_sorted_sections_compose_with_rows_already_remapped():
     """remap_rows moves the rows first; sorting them again must keep track of both moves."""
     onnx_model = small_cnn()
     options = dict(progress=False, remap="static", remap_rows=True, **SMALL)
     remapped = xcompile.compile_model(onnx_model, **options)
-    both = Mapping(sorted_sections(remapped.program))
+    both = Mapping(_sorted_sections(remapped.program))
     for before, after in zip(remapped.layers, both.layers):
         assert not np.array_equal(after.input_order, before.input_order)
         realised = np.rint(effective_weights(after) / after.scale)

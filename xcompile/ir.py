@@ -110,6 +110,7 @@ class Layer:
     stale_cells: np.ndarray | None = None  # int64: flat indices into levels of cells a skipped write left stale
     stale_levels: np.ndarray | None = None  # the levels those cells actually hold when the tile computes
     channel_scale: np.ndarray | None = None  # float64 [N], layer order: per-output step / scale (weight_scale='channel')
+    row_sort: np.ndarray | None = None  # int64 [K], compile-time only: row r was row row_sort[r] before sorted sections
 
     def output_step(self):
         """The weight value of one level step, per output in crossbar order, shaped [groups, 1, Ng]
@@ -143,6 +144,13 @@ class Layer:
         restored = np.empty_like(y)
         restored[..., self.output_order] = y
         return restored
+
+    def tiles(self):
+        """(index, (r0, r1), (c0, c1)) of every placed tile: its rows of K and outputs of N."""
+        t = self.tiling
+        for i in range(t.count):
+            (r0, r1), (c0, c1) = t.row_range[i], t.out_range[i]
+            yield i, (int(r0), int(r1)), (int(c0), int(c1))
 
     @property
     def groups(self) -> int:

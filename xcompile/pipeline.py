@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import time
 import warnings
 from typing import Any
 
 import onnx
-from tqdm.auto import tqdm
 
 from xcompile.artifact import Mapping
 from xcompile.checks import check_layer_has_weights
@@ -17,11 +14,18 @@ from xcompile.config import split_options
 from xcompile.coverage import coverage, describe
 from xcompile.frontend import extract_layers, load_model
 from xcompile.errors import XCompileError
-from xcompile.ir import PassRecord, Program
-from xcompile.passes import assign, encode, quantize, remap, schedule, tile
+from xcompile.ir import Program
+from xcompile.passes.assign import Assign
+from xcompile.passes.encode import Encode
+from xcompile.passes.infra import PassManager
+from xcompile.passes.quantize import Quantize
+from xcompile.passes.remap import Remap
+from xcompile.passes.schedule import Reprogram
+from xcompile.passes.sort_sections import SortSections
+from xcompile.passes.tile import Tile
 from xcompile.probe import Calibration
 
-PIPELINE = (quantize, remap, encode, tile, assign, schedule)
+PIPELINE = PassManager((Quantize(), Remap(), Encode(), SortSections(), Tile(), Assign(), Reprogram()))
 
 
 def compile_model(
@@ -54,21 +58,7 @@ def compile_model(
         hardware=hardware,
         digital_nodes=tuple(digital),
     )
-    steps = len(PIPELINE) * max(1, len(layers))
-    with tqdm(total=steps, desc="compiling", unit="step", disable=None if progress is None else not progress, leave=False) as bar:
-        for compiler_pass in PIPELINE:
-            started = time.perf_counter()
-            if compiler_pass is remap:
-                result = compiler_pass.run(program, progress=bar.update, calibration=data)
-            else:
-                result = compiler_pass.run(program, progress=bar.update)
-            record = PassRecord(
-                name=compiler_pass.NAME,
-                options=_pass_options(compiler_pass.NAME, result.program, data),
-                changed=result.changed,
-                seconds=round(time.perf_counter() - started, 6),
-            )
-            program = dataclasses.replace(result.program, history=program.history + (record,))
+    program = PIPELINE(program, calibration=data, simulator=_simulator, progress=progress)
     _check_coverage(program, strict, allow_empty)
     for layer in program.layers:
         if layer.notes.get("acm_clipped_cells"):
@@ -109,20 +99,8 @@ def _check_coverage(program: Program, strict: bool, allow_empty: bool) -> None:
         warnings.warn(f"{describe(info)}: {shown}", stacklevel=3)
 
 
-def _pass_options(name: str, program: Program, calibration: Calibration | None) -> dict[str, Any]:
-    """The options (and data) a pass read, so the artifact says how every step was made."""
-    opts, hw = program.options, program.hardware
-    return {
-        "quantize": {"weight_bits": opts.weight_bits, "weight_scale": opts.weight_scale, "ideal": opts.ideal},
-        "remap": {
-            "remap": opts.remap, "sensitivity": opts.sensitivity, "remap_rows": opts.remap_rows, "r_wire": hw.r_wire, "r_source": hw.r_source, "r_sink": hw.r_sink,
-            "calibration": None if calibration is None else calibration.describe(),
-        },
-        "encode": {"encoding": opts.encoding, "acm_fit": opts.acm_fit, "cell_bits": opts.cell_bits},
-        "tile": {"rows": hw.rows, "cols": hw.cols},
-        "assign": {"cell_bits": opts.cell_bits, "g_on": hw.g_on, "g_off": hw.g_off},
-        "schedule": {
-            "crossbars": opts.crossbars, "schedule": opts.schedule, "stuck_fraction": opts.stuck_fraction,
-            "stuck_slices": opts.stuck_slices, "seed": opts.seed,
-        },
-    }[name]
+def _simulator(program: Program, feeds: dict, hardware):
+    """The runtime's compile-time simulator (imported only by a pass that simulates)."""
+    from xcompile.runtime.simulator import Simulator
+
+    return Simulator(program, feeds, hardware)
