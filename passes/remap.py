@@ -230,17 +230,16 @@ def _position_profile(program: Program, compiled: Layer) -> np.ndarray:
     column of the tile carries the layer's average column (the row means of its levels): what the
     position costs, apart from what the output placed there costs itself. Averaged over the row
     blocks, weighted by their cells' squared levels. `compiled`: the layer encoded and tiled."""
-    hw, enc, tiling = program.hardware, compiled.encoding, compiled.tiling
+    hw, enc = program.hardware, compiled.encoding
     kept, weight = np.zeros(compiled.outputs), np.zeros(compiled.outputs)
-    for i in range(tiling.count):
-        (r0, r1), (c0, c1) = tiling.row_range[i], tiling.out_range[i]
-        used = enc.columns_used(int(c1 - c0))
+    for i, (r0, r1), (c0, c1) in compiled.tiles():
+        used = enc.columns_used(c1 - c0)
         levels = compiled.levels[i].astype(np.float64)
         energy = float(np.square(levels[: r1 - r0, :used]).sum())
         levels[:, :used] = levels[:, :used].mean(axis=1, keepdims=True)
         g = devices.level_conductance(levels, program.options.level_max, hw)
         g_eff = effective_conductance(g, hw.r_wire, hw.r_source, hw.r_sink)
-        kept[c0:c1] += energy * _per_output(g_eff[: r1 - r0].sum(axis=0) / g[: r1 - r0].sum(axis=0), enc, int(c1 - c0))
+        kept[c0:c1] += energy * _per_output(g_eff[: r1 - r0].sum(axis=0) / g[: r1 - r0].sum(axis=0), enc, c1 - c0)
         weight[c0:c1] += energy
     return np.where(weight > 0, kept / np.where(weight > 0, weight, 1.0), 1.0)
 
@@ -255,11 +254,10 @@ def _effective_matrices(program: Program, compiled: Layer) -> tuple[np.ndarray, 
     """The layer's matrix [K, N] in crossbar order as its cells encode it, and as the crossbars
     compute it with their wires (the exact G_eff of every tile, cells at their target levels).
     `compiled`: the layer encoded and tiled."""
-    hw, enc, tiling = program.hardware, compiled.encoding, compiled.tiling
+    hw, enc = program.hardware, compiled.encoding
     expected = np.zeros(compiled.weight.shape)
     effective = np.zeros(compiled.weight.shape)
-    for i in range(tiling.count):
-        (r0, r1), (c0, c1) = tiling.row_range[i], tiling.out_range[i]
+    for i, (r0, r1), (c0, c1) in compiled.tiles():
         g = devices.level_conductance(compiled.levels[i], program.options.level_max, hw)
         g_eff = effective_conductance(g, hw.r_wire, hw.r_source, hw.r_sink)
         compiled.add_block(expected, (r0, r1), (c0, c1), enc.combine(g[: r1 - r0], c1 - c0))
