@@ -35,6 +35,20 @@ MAX_HARDWARE_FILE_BYTES = 1 << 20  # a hardware description is a few lines
 MAX_TILE_BYTES = 2 << 30  # memory one tile may take to program (see tile_bytes)
 
 
+def _option(default, help_text: str, kind: type | None = None):
+    """A dataclass field with its command-line help: the CLI makes its flags from these."""
+    return dataclasses.field(default=default, metadata={"help": help_text, "type": kind or type(default)})
+
+
+def option_flags(cls) -> list[tuple[str, str, type, str]]:
+    """(field name, --flag, type, help with the default) of every field of CompileOptions or Hardware."""
+    flags = []
+    for f in fields(cls):
+        shown = "" if f.default is None or f.metadata["type"] is bool else f" (default {f.default:g})" if isinstance(f.default, float) else f" (default {f.default})"
+        flags.append((f.name, "--" + f.name.replace("_", "-"), f.metadata["type"], f.metadata["help"] + shown))
+    return flags
+
+
 def tile_bytes(rows: int, cols: int) -> int:
     """Memory (bytes) the runtime takes at most to program one rows x cols tile: the wire
     network's nested-dissection solve keeps about 3.4 (rows + cols + min(rows, cols))^2 float64
@@ -53,26 +67,26 @@ class Hardware:
     when it is programmed (runtime/compensation.py): none | column | row-column | predistort.
     """
 
-    rows: int = 128
-    cols: int = 128
-    g_on: float = 1e-3
-    g_off: float = 1e-5
-    v_read: float = 0.2
-    r_wire: float = 0.0
-    r_source: float = 0.0
-    r_sink: float = 0.0
-    dac_bits: int = 0
-    dac_range: str = "absmax"
-    input_mode: str = "analog"
-    adc_bits: int = 0
-    adc_range: str = "calibrated"
-    adc_nonlinearity: float = 0.0
-    variation: str = "none"
-    sigma: float = 0.0
-    stuck_off_rate: float = 0.0
-    stuck_on_rate: float = 0.0
-    read_noise: float = 0.0
-    compensation: str = "none"
+    rows: int = _option(128, "crossbar rows")
+    cols: int = _option(128, "crossbar columns")
+    g_on: float = _option(1e-3, "ON conductance, S")
+    g_off: float = _option(1e-5, "OFF conductance, S")
+    v_read: float = _option(0.2, "read voltage, V")
+    r_wire: float = _option(0.0, "wire resistance per cell segment, ohm")
+    r_source: float = _option(0.0, "driver resistance per row, ohm")
+    r_sink: float = _option(0.0, "sense resistance per column, ohm")
+    dac_bits: int = _option(0, "DAC bits (0 = ideal)")
+    dac_range: str = _option("absmax", "absmax | calibrated")
+    input_mode: str = _option("analog", "analog | bit_serial")
+    adc_bits: int = _option(0, "ADC bits (0 = ideal)")
+    adc_range: str = _option("calibrated", "fixed | calibrated | per_column")
+    adc_nonlinearity: float = _option(0.0, "ADC transfer nonlinearity alpha (0 = linear)")
+    variation: str = _option("none", "none | lognormal | gaussian")
+    sigma: float = _option(0.0, "relative programming variation")
+    stuck_off_rate: float = _option(0.0, "fraction of cells stuck at g_off")
+    stuck_on_rate: float = _option(0.0, "fraction of cells stuck at g_on")
+    read_noise: float = _option(0.0, "relative read noise per cell and MVM")
+    compensation: str = _option("none", "line-resistance compensation fitted per tile when programmed: none | column | row-column | predistort")
 
     def __post_init__(self) -> None:
         for name in ("rows", "cols"):
@@ -158,20 +172,20 @@ class CompileOptions:
     seed: seed of the random compile decisions (which cells bit stucking rewrites).
     """
 
-    ideal: bool = False
-    weight_bits: int = 8
-    weight_scale: str = "layer"
-    cell_bits: int = 8
-    encoding: str = "dual"
-    acm_fit: str = "scale"
-    remap: str = "none"
-    sensitivity: str = "magnitude"
-    remap_rows: bool = False
-    crossbars: int | None = None
-    schedule: str = "layer"
-    stuck_fraction: float = 1.0
-    stuck_slices: int = 0
-    seed: int = 0
+    ideal: bool = _option(False, "float weights, no quantisation, no non-idealities")
+    weight_bits: int = _option(8, "weight magnitude bits")
+    weight_scale: str = _option("layer", "layer (one scale per layer) or channel (one per output, applied digitally)")
+    cell_bits: int = _option(8, "bits per cell; weight_bits / cell_bits slices")
+    encoding: str = _option("dual", "signed-weight encoding: dual, acm, offset")
+    acm_fit: str = _option("scale", "ACM rows that overflow the cells: scale or clip")
+    remap: str = _option("none", "output remapping against line resistance: none, static, dynamic (X-CHANGR), chain (ours), sparse")
+    sensitivity: str = _option("magnitude", "how remap static / dynamic / chain rank outputs: magnitude, taylor, perturbation")
+    remap_rows: bool = _option(False, "remap the inputs (rows) too: heaviest rows nearest the sense end")
+    crossbars: int | None = _option(None, "physical crossbars P; fewer than the tiles makes a reprogramming schedule (docs/schedules.md)", int)
+    schedule: str = _option("layer", "load order with --crossbars: layer (network order) or sorted (sorted weight sections)")
+    stuck_fraction: float = _option(1.0, "bit stucking: share p of changed cells rewritten in the stuck slices")
+    stuck_slices: int = _option(0, "bit stucking: the k lowest-order slice columns it applies to")
+    seed: int = _option(0, "seed of random compile decisions (which cells bit stucking rewrites)")
 
     def __post_init__(self) -> None:
         for name in ("weight_bits", "cell_bits"):
