@@ -85,7 +85,7 @@ def test_npy_reader(tmp_path):
     (tmp_path / "text.npy").write_text("hello")
     with pytest.raises(XCompileError, match=r"text\.npy' is not a readable \.npy array: it does not start with the \.npy header"):
         data.read_npy(tmp_path / "text.npy")
-    with pytest.raises(XCompileError, match=r"d\.npz' is not a readable \.npy array: an \.npz archive of arrays"):
+    with pytest.raises(XCompileError, match=r"d\.npz' is not a readable \.npy array: it is an \.npz archive of arrays"):
         data.read_npy(_npz(tmp_path, x=X))
     np.save(tmp_path / "objects.npy", np.array([object()]), allow_pickle=True)
     with pytest.raises(XCompileError, match=r"objects\.npy' holds Python objects \(a pickled array\)"):
@@ -200,7 +200,7 @@ def test_the_command_line_reads_every_file_here(mlp_mapping, tmp_path, capsys):
     np.save(tmp_path / "x.npy", np.zeros((2, 64), np.float32))
     np.savez(tmp_path / "x.npz", x=np.zeros((2, 64), np.float32))
     for argv, message in [
-        (["run", str(mlp_mapping), "-i", str(tmp_path / "x.npz")], "an .npz archive of arrays"),
+        (["run", str(mlp_mapping), "-i", str(tmp_path / "x.npz")], "it is an .npz archive of arrays"),
         (["inspect", str(mlp_mapping), "--calibration", str(tmp_path / "x.npy")], "it is a single .npy array"),
         (["eval", str(mlp_mapping), "--dataset", str(tmp_path / "x.npz")], "must hold inputs 'x' and labels 'y'"),
     ]:

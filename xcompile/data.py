@@ -68,7 +68,7 @@ def read_npz(path: str | os.PathLike, what: str, *, labels: Labels = "required")
     where = f"{what} '{path}'"
     _check_file(path, where)
     if not zipfile.is_zipfile(path):
-        hint = "it is a single .npy array" if _starts_with_npy_magic(path) else "it is not a zip archive"
+        hint = "it is a single .npy array" if _starts_with_npy_magic(path, where) else "it is not a zip archive"
         raise XCompileError(f"{where} is not a readable .npz file: {hint} (np.savez(path, x=..., y=...) writes one)")
     try:
         with np.load(path, allow_pickle=False) as data:
@@ -79,7 +79,7 @@ def read_npz(path: str | os.PathLike, what: str, *, labels: Labels = "required")
             arrays = {key: _member(data, key, where) for key in wanted}
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
         raise XCompileError(f"{where} is not a readable .npz file: {exc}") from None
-    x = check_inputs(arrays["x"], where)
+    x = _check_inputs(arrays["x"], where)
     y = check_labels(arrays["y"], where) if "y" in arrays else None
     check_samples(x, y, where)
     return x, y
@@ -90,8 +90,8 @@ def read_npy(path: str | os.PathLike, what: str = "input file") -> np.ndarray:
     path = Path(path)
     where = f"{what} '{path}'"
     _check_file(path, where)
-    if not _starts_with_npy_magic(path):
-        hint = "an .npz archive of arrays" if zipfile.is_zipfile(path) else "it does not start with the .npy header"
+    if not _starts_with_npy_magic(path, where):
+        hint = "it is an .npz archive of arrays" if zipfile.is_zipfile(path) else "it does not start with the .npy header"
         raise XCompileError(f"{where} is not a readable .npy array: {hint} (np.save(path, array) writes one)")
     try:
         return np.load(path, allow_pickle=False)
@@ -110,9 +110,12 @@ def _check_file(path: Path, where: str) -> None:
         raise XCompileError(f"{where} is not a regular file")
 
 
-def _starts_with_npy_magic(path: Path) -> bool:
-    with open(path, "rb") as handle:
-        return handle.read(len(NPY_MAGIC)) == NPY_MAGIC
+def _starts_with_npy_magic(path: Path, where: str) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(len(NPY_MAGIC)) == NPY_MAGIC
+    except OSError as exc:
+        raise XCompileError(f"{where} cannot be read: {exc.strerror or exc}") from None
 
 
 def _member(data, key: str, where: str) -> np.ndarray:
@@ -130,7 +133,7 @@ def _member(data, key: str, where: str) -> np.ndarray:
 # --- checks of arrays ---------------------------------------------------------------------------
 
 
-def check_inputs(x, where: str) -> np.ndarray:
+def _check_inputs(x, where: str) -> np.ndarray:
     """x as an array of finite numbers (bool, integer or float)."""
     x = np.asarray(x)
     if not _numbers(x.dtype):
@@ -182,11 +185,11 @@ def node_arg(value: onnx.ValueInfoProto) -> NodeArg:
     """A graph input or output as ONNX Runtime describes it."""
     t = value.type
     if t.HasField("tensor_type"):
-        type_name = onnx.TensorProto.DataType.Name(t.tensor_type.elem_type).lower()
+        elem_name = onnx.TensorProto.DataType.Name(t.tensor_type.elem_type).lower()
         shape = None  # no shape declared: any shape, as in ONNX Runtime
         if t.tensor_type.HasField("shape"):
             shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.tensor_type.shape.dim]
-        return NodeArg(value.name, f"tensor({type_name})", shape)
+        return NodeArg(value.name, f"tensor({elem_name})", shape)
     return NodeArg(value.name, t.WhichOneof("value") or "unknown", [])
 
 
@@ -219,10 +222,10 @@ def check_feeds(feeds: dict[str, Any], inputs: Sequence, *, data_set: str | None
 
 def _checked_feed(value, arg) -> np.ndarray:
     value = np.asarray(value)
-    want = numpy_dtype(arg.type)
+    want = _numpy_dtype(arg.type)
     if want is not None and value.dtype != want:
         raise XCompileError(
-            f"input '{arg.name}': unexpected data type tensor({type_name(value.dtype)}) (numpy dtype {value.dtype}), "
+            f"input '{arg.name}': unexpected data type tensor({_type_name(value.dtype)}) (numpy dtype {value.dtype}), "
             f"the model expects {arg.type}"
         )
     if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
@@ -242,14 +245,14 @@ def _checked_feed(value, arg) -> np.ndarray:
 
 
 def _checked_data_set(value, arg, data_set: str) -> np.ndarray:
-    x = check_inputs(value, data_set)
+    x = _check_inputs(value, data_set)
     check_samples(x, None, data_set)
     declared = arg.shape
     if declared is not None and (
         len(declared) != x.ndim or any(_fixed(d) and d != s for d, s in zip(declared[1:], x.shape[1:]))
     ):
         raise XCompileError(f"{data_set}: inputs have shape {list(x.shape)}, the model's input '{arg.name}' is {declared}")
-    want = numpy_dtype(arg.type)
+    want = _numpy_dtype(arg.type)
     return x if want is None else x.astype(want, copy=False)
 
 
@@ -258,7 +261,7 @@ def _fixed(dim) -> bool:
     return isinstance(dim, int) and dim >= 0
 
 
-def type_name(dtype: np.dtype) -> str:
+def _type_name(dtype: np.dtype) -> str:
     """ONNX's name of a numpy dtype ('float', 'double', ...), else numpy's."""
     try:
         return onnx.TensorProto.DataType.Name(helper.np_dtype_to_tensor_dtype(dtype)).lower()
@@ -266,7 +269,7 @@ def type_name(dtype: np.dtype) -> str:
         return str(dtype)
 
 
-def numpy_dtype(type_string: str):
+def _numpy_dtype(type_string: str):
     """The numpy dtype of an ONNX Runtime type string ('tensor(float)'), None if it has none."""
     elem = type_string[len("tensor(") : -1].upper()
     try:
