@@ -12,30 +12,20 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import helper
 
 from xcompile.config import Hardware, runtime_hardware
+from xcompile.data import NodeArg, check_feeds, node_arg
 from xcompile.errors import XCompileError
 from xcompile.ir import Layer, Program
 from xcompile.runtime import digital
 from xcompile.runtime.crossbar import ProgrammedLayer, read_energy
 from xcompile.runtime.executor import Plan, inferred
 from xcompile.runtime.fused import fused_model
-
-
-@dataclass(frozen=True)
-class NodeArg:
-    """What `onnxruntime.NodeArg` tells: name, type string, shape (ints, names or None)."""
-
-    name: str
-    type: str
-    shape: list | None
 
 
 class Session:
@@ -64,8 +54,8 @@ class Session:
         self.hardware = _runtime_hardware(program, hardware, hardware_options)
         self.seed = _seed(seed)
         graph = program.graph.graph
-        self._inputs = [_node_arg(v) for v in graph.input]
-        self._outputs = [_node_arg(v) for v in graph.output]
+        self._inputs = [node_arg(v) for v in graph.input]
+        self._outputs = [node_arg(v) for v in graph.output]
         opts = program.options
         self._level_max = opts.level_max
         self._layers = {
@@ -162,7 +152,7 @@ class Session:
         unknown = [n for n in names if n not in {o.name for o in self._outputs}]
         if unknown:
             raise XCompileError(f"unknown output name(s) {unknown}; the model has {[o.name for o in self._outputs]}")
-        env = self._check_feeds(input_feed)
+        env = check_feeds(input_feed, self._inputs)
         fused = self._fused_session()
         if fused is not None:
             try:
@@ -188,33 +178,6 @@ class Session:
                     ort.capi.onnxruntime_pybind11_state.InvalidArgument, ort.capi.onnxruntime_pybind11_state.NotImplemented):
                 self._fused = False  # e.g. a layer fed float64 or integers: the step path handles every type
         return self._fused or None
-
-    def _check_feeds(self, feeds: dict[str, Any]) -> dict[str, Any]:
-        if not isinstance(feeds, dict):
-            raise XCompileError(f"feeds must be a dict of input name -> array, got {type(feeds).__name__}")
-        expected = {i.name: i for i in self._inputs}
-        extra = sorted(set(feeds) - set(expected))
-        if extra:
-            raise XCompileError(f"unknown input name(s) {extra}; the model takes {sorted(expected)}")
-        missing = sorted(set(expected) - set(feeds))
-        if missing:
-            raise XCompileError(f"missing input(s) {missing}; the model takes {sorted(expected)}")
-        env = {}
-        for name, value in feeds.items():
-            arg = expected[name]
-            if arg.type.startswith("tensor("):
-                value = np.asarray(value)
-                want = _numpy_dtype(arg.type)
-                if want is not None and value.dtype != want:
-                    raise XCompileError(
-                        f"input '{name}': unexpected data type tensor({_type_name(value.dtype)}) (numpy dtype {value.dtype}), "
-                        f"the model expects {arg.type}"
-                    )
-                if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
-                    raise XCompileError(f"input '{name}' holds NaN or infinite values")
-                _check_shape(name, value.shape, arg.shape)
-            env[name] = value
-        return env
 
 
 class _LayerRunner:
@@ -303,42 +266,3 @@ def _seed(seed) -> int:
 
 def _quantises(model: onnx.ModelProto) -> bool:
     return any(node.op_type in ("QuantizeLinear", "DynamicQuantizeLinear") for node in model.graph.node)
-
-
-def _node_arg(value: onnx.ValueInfoProto) -> NodeArg:
-    t = value.type
-    if t.HasField("tensor_type"):
-        type_name = onnx.TensorProto.DataType.Name(t.tensor_type.elem_type).lower()
-        shape = None  # no shape declared: any shape, as in ONNX Runtime
-        if t.tensor_type.HasField("shape"):
-            shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.tensor_type.shape.dim]
-        return NodeArg(value.name, f"tensor({type_name})", shape)
-    return NodeArg(value.name, t.WhichOneof("value") or "unknown", [])
-
-
-def _check_shape(name: str, shape: tuple, declared: list | None) -> None:
-    """What ONNX Runtime checks: the rank, and every dimension the model fixes to a size
-    (symbolic, unnamed and negative dimensions take any size)."""
-    if declared is None:
-        return
-    if len(declared) != len(shape):
-        raise XCompileError(f"input '{name}': invalid rank {len(shape)} (shape {list(shape)}), the model expects rank {len(declared)} ({declared})")
-    wrong = [(i, s, d) for i, (s, d) in enumerate(zip(shape, declared)) if isinstance(d, int) and d >= 0 and d != s]
-    if wrong:
-        listed = ", ".join(f"index {i} got {s} expected {d}" for i, s, d in wrong)
-        raise XCompileError(f"input '{name}' has shape {list(shape)}: invalid dimensions ({listed}); the model expects {declared}")
-
-
-def _type_name(dtype: np.dtype) -> str:
-    try:
-        return onnx.TensorProto.DataType.Name(helper.np_dtype_to_tensor_dtype(dtype)).lower()
-    except (KeyError, TypeError, ValueError):
-        return str(dtype)
-
-
-def _numpy_dtype(type_name: str):
-    elem = type_name[len("tensor(") : -1].upper()
-    try:
-        return helper.tensor_dtype_to_np_dtype(getattr(onnx.TensorProto, elem))
-    except (AttributeError, KeyError, TypeError):
-        return None

@@ -219,13 +219,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train(args) -> int:
-    from xcompile.evaluate import BUILTIN_DATASETS, builtin_split, load_dataset
+    from xcompile.data import load_data
     from xcompile.fileio import atomic_output
     from xcompile.train import low_conductance_share, train_wct
 
     if not args.wct:
         raise XCompileError("train: choose the method: --wct (weight-constrained training, the only one so far)")
-    x, y = builtin_split(args.dataset, "calib") if args.dataset in BUILTIN_DATASETS else load_dataset(args.dataset)[:2]
+    x, y = load_data(args.dataset, "calib")
     trained = train_wct(args.model, x, y, epochs=args.epochs, strength=args.strength, seed=args.seed)
     with atomic_output(args.output) as temp:
         temp.write_bytes(trained.SerializeToString())
@@ -310,10 +310,10 @@ def _inspect(args) -> int:
     mapping = load(args.mapping)
     info = mapping.summary()
     if args.calibration:
-        from xcompile.evaluate import BUILTIN_DATASETS, load_dataset
+        from xcompile.data import load_calibration
         from xcompile.runtime.session import Session
 
-        x = load_dataset(args.calibration)[2] if args.calibration in BUILTIN_DATASETS else _load_npz_x(args.calibration)
+        x = load_calibration(args.calibration)[0]
         session = Session(mapping)
         name = session.get_inputs()[0].name
         energy = session.read_energy({name: x[:256]})
@@ -358,11 +358,10 @@ def _run(args) -> int:
 
 def _eval(args) -> int:
     from xcompile.artifact import load
+    from xcompile.data import load_calibration
     from xcompile.evaluate import evaluate
 
-    calibration = None
-    if args.calibration:
-        calibration = _load_npz_x(args.calibration)
+    calibration = load_calibration(args.calibration)[0] if args.calibration else None
     if args.plot and not args.breakdown:
         raise XCompileError("--plot draws the breakdown: give --breakdown too")
     if args.breakdown:
@@ -450,6 +449,8 @@ def _presets(args) -> int:
 
 
 def _feeds(items: list[str], names: list[str], flag: str) -> dict[str, np.ndarray]:
+    from xcompile.data import read_npy
+
     feeds = {}
     for item in items:
         name, sep, path = item.partition("=")
@@ -457,31 +458,8 @@ def _feeds(items: list[str], names: list[str], flag: str) -> dict[str, np.ndarra
             if len(names) != 1:
                 raise XCompileError(f"{flag} '{item}': the model has inputs {names}; say which one as NAME=FILE.npy")
             name, path = names[0], item
-        feeds[name] = _load_npy(path)
+        feeds[name] = read_npy(path)
     return feeds
-
-
-def _load_npz_x(path: str) -> np.ndarray:
-    file = Path(path)
-    if not file.is_file():
-        raise XCompileError(f"calibration file '{file}' does not exist")
-    try:
-        with np.load(file, allow_pickle=False) as data:
-            if "x" not in data:
-                raise XCompileError(f"calibration file '{file}' must hold an array 'x', it has {sorted(data.files)}")
-            return data["x"]
-    except (ValueError, OSError, EOFError) as exc:
-        raise XCompileError(f"calibration file '{file}' is not a readable .npz: {exc}") from None
-
-
-def _load_npy(path: str) -> np.ndarray:
-    file = Path(path)
-    if not file.is_file():
-        raise XCompileError(f"input file '{file}' does not exist")
-    try:
-        return np.load(file, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise XCompileError(f"input file '{file}' is not a readable .npy array: {exc}") from None
 
 
 if __name__ == "__main__":

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import helper
 
+from xcompile.data import check_classes, check_feeds, check_labels, check_samples, load_calibration, node_arg
 from xcompile.errors import XCompileError
 from xcompile.ir import Program
 
@@ -37,27 +37,20 @@ class Calibration:
     def load(cls, source) -> "Calibration":
         """From 'digits' (the shipped calibration split), an .npz path with `x` (and optionally
         `y` labels), an (x, y) pair, a dict with x / y, or an array of inputs."""
-        from xcompile.evaluate import BUILTIN_DATASETS, builtin_split
-
         if isinstance(source, Calibration):
             return source
         if isinstance(source, (str, os.PathLike)):
-            if str(source) in BUILTIN_DATASETS:
-                return cls(*builtin_split(str(source), "calib"))
-            return cls(*_read_calibration_npz(Path(source)))
+            return cls(*load_calibration(source))
         if isinstance(source, dict):
             if "x" not in source:
                 raise XCompileError(f"calibration data must hold inputs 'x' (and optionally labels 'y'); it has {sorted(source)}")
-            return cls(np.asarray(source["x"]), None if source.get("y") is None else _labels(source["y"], "calibration data"))
+            return cls(np.asarray(source["x"]), None if source.get("y") is None else check_labels(source["y"], "calibration data"))
         if isinstance(source, tuple) and len(source) == 2:
-            return cls(np.asarray(source[0]), None if source[1] is None else _labels(source[1], "calibration data"))
+            return cls(np.asarray(source[0]), None if source[1] is None else check_labels(source[1], "calibration data"))
         return cls(np.asarray(source))
 
     def __post_init__(self) -> None:
-        if self.x.ndim == 0 or self.x.shape[0] == 0:
-            raise XCompileError("calibration data is empty: it needs at least one sample")
-        if self.y is not None and self.y.shape[0] != self.x.shape[0]:
-            raise XCompileError(f"calibration data has {self.x.shape[0]} inputs but {self.y.shape[0]} labels")
+        check_samples(self.x, self.y, "calibration data")
 
     def describe(self) -> dict:
         """What a pass record keeps of the data: its size and a digest, not the data."""
@@ -78,7 +71,7 @@ class GainProbe:
         if len(inputs) != 1:
             raise XCompileError(f"data-driven remapping needs a model with one input; this one has {[i.name for i in inputs]}")
         self.input_name = inputs[0].name
-        self.x = _check_calibration(calibration.x, inputs[0])
+        self.x = check_feeds({self.input_name: calibration.x}, [node_arg(inputs[0])], data_set="calibration data")[self.input_name]
         self.layers = list(program.layers)
         self._channel_axis = {}
         probed = self._insert_gains(model)
@@ -98,8 +91,7 @@ class GainProbe:
         self.spread = float(logits.reshape(logits.shape[0], -1).std(axis=1).mean()) or 1.0
         if calibration.y is not None:
             y = np.asarray(calibration.y)[: self.x.shape[0]]
-            if y.min() < 0 or y.max() >= logits.shape[-1]:
-                raise XCompileError(f"calibration labels run {y.min()}..{y.max()}; the model has {logits.shape[-1]} classes")
+            check_classes(y, logits.shape[-1], "calibration data")
             self.labels = y.astype(np.int64)
         else:
             self.labels = logits.reshape(logits.shape[0], -1).argmax(-1)
@@ -195,39 +187,6 @@ def _topological_sort(graph: onnx.GraphProto) -> None:
         copy.CopyFrom(node)
     del graph.node[:]
     graph.node.extend(copies)
-
-
-def _read_calibration_npz(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
-    if not path.is_file():
-        raise XCompileError(f"calibration file '{path}' does not exist")
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            if "x" not in data:
-                raise XCompileError(f"calibration file '{path}' must hold inputs 'x' (and optionally labels 'y'); it has {sorted(data.files)}")
-            return data["x"], _labels(data["y"], f"calibration file '{path}'") if "y" in data else None
-    except (ValueError, OSError, EOFError) as exc:
-        raise XCompileError(f"calibration file '{path}' is not a readable .npz file: {exc}") from None
-
-
-def _labels(y, where: str) -> np.ndarray:
-    y = np.asarray(y)
-    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
-        raise XCompileError(f"{where}: labels 'y' must be a 1-D array of integer classes, got {y.dtype} {list(y.shape)}")
-    return y
-
-
-def _check_calibration(x: np.ndarray, arg: onnx.ValueInfoProto) -> np.ndarray:
-    x = np.asarray(x)
-    dims = arg.type.tensor_type.shape.dim
-    want = [d.dim_value if d.HasField("dim_value") else None for d in dims]
-    if x.ndim != len(want) or any(w is not None and w != s for w, s in zip(want[1:], x.shape[1:])):
-        raise XCompileError(f"calibration inputs have shape {list(x.shape)}; the model's input '{arg.name}' is {want}")
-    if x.shape[0] == 0:
-        raise XCompileError("calibration data is empty: it needs at least one sample")
-    if not np.issubdtype(x.dtype, np.number) or not np.isfinite(x).all():
-        raise XCompileError("calibration inputs must be finite numbers")
-    elem = arg.type.tensor_type.elem_type
-    return x.astype(onnx.helper.tensor_dtype_to_np_dtype(elem), copy=False)
 
 
 def _cross_entropy(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:

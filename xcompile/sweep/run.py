@@ -51,7 +51,7 @@ def sweep(
     """
     import pandas as pd
 
-    from xcompile.evaluate import load_dataset
+    from xcompile.data import load_calibration, load_dataset
     from xcompile.frontend import load_model
 
     for name, value, low in (("trials", trials, 1), ("seed", seed, 0), ("batch_size", batch_size, 1)):
@@ -61,6 +61,8 @@ def sweep(
     model_path = Path(model)
     load_model(model_path)
     load_dataset(dataset)
+    if calibration is not None:
+        load_calibration(calibration)
     plan = load_grid(grid, calibration=calibration)
     plots = _plots_available()
     manifest = {
@@ -159,7 +161,7 @@ def _sha256(path: Path) -> str:
 
 def _data_source(source: str | os.PathLike | None) -> str | None:
     """A built-in name as is, a file as an absolute path (workers may run elsewhere)."""
-    from xcompile.evaluate import BUILTIN_DATASETS
+    from xcompile.data import BUILTIN_DATASETS
 
     if source is None or str(source) in BUILTIN_DATASETS:
         return source
@@ -167,13 +169,12 @@ def _data_source(source: str | os.PathLike | None) -> str | None:
 
 
 def _data_identity(source: str | os.PathLike) -> dict[str, Any]:
-    """A built-in data set by name, a file by its digest (the name may change, the data not)."""
-    from xcompile.evaluate import BUILTIN_DATASETS
+    """A built-in data set by name, a file by its digest (the name may change, the data not);
+    sweep() has read it already, so it is there."""
+    from xcompile.data import BUILTIN_DATASETS
 
     if str(source) in BUILTIN_DATASETS:
         return {"name": str(source), "sha256": None}
     path = Path(source)
-    if not path.is_file():
-        raise XCompileError(f"data file '{path}' does not exist")
     return {"name": path.name, "sha256": _sha256(path)}
 
