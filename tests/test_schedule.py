@@ -16,6 +16,7 @@ from xcompile.artifact import Mapping
 from xcompile.cli import main
 from xcompile.passes.schedule import sorted_sections
 from xcompile.passes.encode import slices_of
+from xcompile.placement import placement_graph
 from xcompile.runtime.crossbar import effective_weights
 from builders import dense, model, small_cnn, tensor
 
@@ -118,7 +119,7 @@ def test_every_tile_is_loaded_once_per_pass_in_network_order(order, crossbars):
     if order == "layer":
         np.testing.assert_array_equal(s.crossbar, np.arange(total) % crossbars)
         np.testing.assert_array_equal(s.round, np.arange(total) // crossbars)
-    graph = mapping.program.placement
+    graph = placement_graph(mapping.program)
     for layer in mapping.layers:
         mine = s.layer == layer.index
         np.testing.assert_array_equal(layer.tiling.crossbar[s.tile[mine]], s.crossbar[mine])
