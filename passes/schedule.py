@@ -26,8 +26,8 @@ two passes from an erased chip.
 
 It runs after `assign` (the counts need the cell levels); the sections are sorted before tiling
 (passes/sort_sections.py), and the rows' unsorted order is rebuilt here from the sorted levels. The
-schedule (`Program.schedule`) and each tile's physical crossbar (`Tiling.crossbar`, and `crossbar` /
-`round` on the placement graph's tile nodes) are recorded in the program.
+schedule (`Program.schedule`) and each tile's physical crossbar (`Tiling.crossbar`) are recorded in
+the program; the placement graph's tile nodes show both (xcompile/placement.py).
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ class Reprogram(Pass):
             layers.append(dataclasses.replace(_placed(layer, schedule, stale.get(layer.index)), row_sort=None))
             context.step()
         return PassResult(
-            dataclasses.replace(program.replace_layers(layers), schedule=schedule, placement=_placement(program, schedule)),
+            dataclasses.replace(program.replace_layers(layers), schedule=schedule),
             changed=True,
         )
 
@@ -294,17 +294,3 @@ def _placed(layer: Layer, schedule: Schedule, stale) -> Layer:
     if stale is not None:
         changes.update(stale_cells=frozen_array(stale[0], np.int64), stale_levels=frozen_array(stale[1]))
     return dataclasses.replace(layer, **changes)
-
-
-def _placement(program: Program, schedule: Schedule):
-    """The placement graph with each tile node's physical crossbar and round."""
-    if program.placement is None:
-        return None
-    graph = program.placement.copy()
-    names = {layer.index: layer.name for layer in program.layers}
-    grids = {layer.index: layer.tiling.grid for layer in program.layers}
-    for layer, tile, crossbar, round_ in zip(schedule.layer, schedule.tile, schedule.crossbar, schedule.round):
-        rb, cb = grids[int(layer)][tile]
-        node = graph.nodes[f"{names[int(layer)]}/tile{rb}.{cb}"]
-        node["crossbar"], node["round"] = int(crossbar), int(round_)
-    return graph

@@ -215,12 +215,12 @@ def test_python_api_rejects_unknown_options():
 
 
 def test_a_bug_is_one_line_asking_for_a_report_exit_1(compiled, monkeypatch, capsys):
-    import xcompile.cli as cli
+    import xcompile.inspect_cmd as inspect_cmd
 
     def broken(args):
         raise KeyError("layer")
 
-    monkeypatch.setattr(cli, "_inspect", broken)
+    monkeypatch.setattr(inspect_cmd, "run", broken)
     assert main(["inspect", str(compiled)]) == 1
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and "internal error: KeyError" in lines[0] and "please report" in lines[0] and "--debug" in lines[0]

@@ -16,6 +16,7 @@ from xcompile.passes.assign import Assign
 from xcompile.passes.encode import Encode
 from xcompile.passes.quantize import Quantize
 from xcompile.passes.tile import Tile
+from xcompile.placement import placement_graph
 from builders import model, small_cnn, tensor
 
 
@@ -69,7 +70,7 @@ def test_tile_count_is_ceil_k_over_rows_times_ceil_n_over_outputs_per_tile(k, n,
         assert r1 - r0 <= rows and (c1 - c0) * 2 <= cols
         covered[r0:r1, c0:c1] += 1
     assert (covered == 1).all()  # every weight on exactly one tile
-    graph = program.placement
+    graph = placement_graph(program)
     assert sum(1 for _, d in graph.nodes(data=True) if d["kind"] == "tile") == layer.tiling.count
 
 

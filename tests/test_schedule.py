@@ -19,6 +19,7 @@ from xcompile.passes.assign import Assign
 from xcompile.passes.sort_sections import SortSections
 from xcompile.passes.tile import Tile
 from xcompile.passes.encode import slices_of
+from xcompile.placement import placement_graph
 from xcompile.runtime.crossbar import effective_weights
 from builders import dense, model, small_cnn, tensor
 
@@ -152,7 +153,7 @@ def test_every_tile_is_loaded_once_per_pass_in_network_order(order, crossbars):
     if order == "layer":
         np.testing.assert_array_equal(s.crossbar, np.arange(total) % crossbars)
         np.testing.assert_array_equal(s.round, np.arange(total) // crossbars)
-    graph = mapping.program.placement
+    graph = placement_graph(mapping.program)
     for layer in mapping.layers:
         mine = s.layer == layer.index
         np.testing.assert_array_equal(layer.tiling.crossbar[s.tile[mine]], s.crossbar[mine])

@@ -9,7 +9,7 @@ import onnxruntime as ort
 import pytest
 
 import xcompile
-from xcompile.evaluate import load_dataset
+from xcompile.data import load_dataset
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 

@@ -65,7 +65,8 @@ def test_train_needs_a_method_and_sane_settings(tmp_path, capsys):
 
 def test_shipped_mnist_cnn_on_its_held_out_digits_keeps_its_float_accuracy_on_ideal_crossbars():
     import xcompile
-    from xcompile.evaluate import builtin_split, evaluate
+    from xcompile.data import builtin_split
+    from xcompile.evaluate import evaluate
 
     x, y = builtin_split("mnist", "test")
     assert x.shape == (1000, 1, 28, 28) and x.dtype == np.float32 and set(np.unique(y)) == set(range(10))

@@ -26,6 +26,7 @@ from xcompile.errors import XCompileError
 from xcompile.fileio import atomic_output
 from xcompile import validate
 from xcompile.ir import Layer, Program
+from xcompile.placement import placement_graph
 from xcompile.validate import ENCODING_ARRAYS as _ENCODING_ARRAYS, MANIFEST, MANIFEST_DIGEST, SCHEDULE_PREFIX
 from xcompile.validate import TILING_ARRAYS as _TILING_ARRAYS
 
@@ -86,7 +87,7 @@ def save(program: Program, path: str | os.PathLike) -> Path:
         "passes": [dataclasses.asdict(record) for record in program.history],
         "digital_nodes": list(program.digital_nodes),
         "layers": layers_meta,
-        "placement": None if program.placement is None else nx.node_link_data(program.placement, edges="edges"),
+        "placement": nx.node_link_data(placement_graph(program), edges="edges"),  # for tools reading the zip
         "schedule": schedule_meta,
         "members": {name: hashlib.sha256(data).hexdigest() for name, data in members},
     }

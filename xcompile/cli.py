@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from xcompile import inspect_cmd
 from xcompile.errors import XCompileError
 
 COMMANDS = ("compile", "inspect", "run", "eval", "sweep", "presets", "train")
@@ -158,13 +159,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-empty", action="store_true", help="compile a model that has nothing to map onto crossbars")
     p.set_defaults(handler=_compile)
 
-    p = sub.add_parser("inspect", help="show what went where in a mapping")
-    p.add_argument("mapping", help="mapping file")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON (keys: docs/inspect.md)")
-    p.add_argument("--graph", metavar="FILE", help="write the placement graph (.graphml, .dot, .gv or .json)")
-    p.add_argument("--calibration", metavar="DATA", help="'digits' (its calibration split) or an .npz with x: adds the read-energy proxy per layer")
-    p.add_argument("--writes-plot", metavar="FILE.png", help="plot the cell writes per physical crossbar and per round (needs a schedule)")
-    p.set_defaults(handler=_inspect)
+    inspect_cmd.add_parser(sub)
 
     p = sub.add_parser("run", help="run a mapping on inputs from .npy files")
     p.add_argument("mapping", help="mapping file")
@@ -300,33 +295,6 @@ def _compile(args) -> int:
             f"{totals['utilisation']:.1%} of cells used, {describe(info['coverage'])} "
             f"({time.perf_counter() - started:.2f} s)"
         )
-    return 0
-
-
-def _inspect(args) -> int:
-    from xcompile.artifact import load
-    from xcompile.report import format_summary, write_graph
-
-    mapping = load(args.mapping)
-    info = mapping.summary()
-    if args.calibration:
-        from xcompile.data import load_calibration
-        from xcompile.runtime.session import Session
-
-        x = load_calibration(args.calibration)[0]
-        session = Session(mapping)
-        name = session.get_inputs()[0].name
-        energy = session.read_energy({name: x[:256]})
-        for layer in info["layers"]:
-            layer["read_energy"] = energy[layer["name"]]
-        info["totals"]["read_energy"] = sum(energy.values())
-    if args.graph:
-        write_graph(mapping.program, args.graph)
-    if args.writes_plot:
-        from xcompile.reprogramming import write_writes_plot
-
-        write_writes_plot(mapping.program.schedule, args.writes_plot)
-    print(json.dumps(info, indent=2) if args.json else format_summary(info))
     return 0
 
 

@@ -11,7 +11,6 @@ import numpy as np
 import onnxruntime as ort
 from tqdm.auto import tqdm
 
-from xcompile.data import BUILTIN_DATASETS, builtin_split  # noqa: F401 - where docs/studies and scripts import them from
 from xcompile.data import check_classes, check_feeds, load_dataset
 from xcompile.errors import XCompileError
 

@@ -1,4 +1,4 @@
-"""The crossbar program: MVM layers, their tiles and cell levels, and the placement graph.
+"""The crossbar program: MVM layers, their tiles and cell levels, and the reprogramming schedule.
 
 Every object here is immutable (frozen dataclasses, read-only arrays), so a pass can only make a
 new program from an old one: `dataclasses.replace` on what it changes, sharing the rest.
@@ -10,7 +10,6 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-import networkx as nx
 import numpy as np
 import onnx
 
@@ -214,7 +213,6 @@ class Program:
     options: CompileOptions
     hardware: Hardware
     history: tuple[PassRecord, ...] = ()
-    placement: nx.DiGraph | None = None
     digital_nodes: tuple[str, ...] = ()  # op types left to ONNX Runtime
     schedule: Schedule | None = None  # reprogramming schedule, when the chip has fewer crossbars than tiles
 

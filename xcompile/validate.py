@@ -740,5 +740,5 @@ def build_program(manifest: dict, blobs: dict[str, bytes]) -> Program:
     check_runtime_graph(graph, layers)
     return Program(
         model=blobs["model.onnx"], graph=graph, layers=layers, options=options, hardware=hardware, history=history,
-        placement=placement, digital_nodes=tuple(digital), schedule=schedule,
+        digital_nodes=tuple(digital), schedule=schedule,
     )

@@ -22,7 +22,7 @@ import onnx
 import onnxruntime as ort
 
 import xcompile
-from xcompile.evaluate import builtin_split
+from xcompile.data import builtin_split
 from xcompile.reprogramming import writes_by_slice_and_magnitude
 from xcompile.runtime.session import Session
 
