@@ -22,31 +22,12 @@ from pathlib import Path
 import numpy as np
 
 from xcompile import inspect_cmd
+from xcompile.config import CompileOptions, Hardware, option_flags
 from xcompile.errors import XCompileError
 
 COMMANDS = ("compile", "inspect", "run", "eval", "sweep", "presets", "train")
 
-# hardware flags shared by compile, run and eval: (flag, type, help)
-HARDWARE_FLAGS = (
-    ("--g-on", float, "ON conductance, S"),
-    ("--g-off", float, "OFF conductance, S"),
-    ("--v-read", float, "read voltage, V"),
-    ("--r-wire", float, "wire resistance per cell segment, ohm"),
-    ("--r-source", float, "driver resistance per row, ohm"),
-    ("--r-sink", float, "sense resistance per column, ohm"),
-    ("--dac-bits", int, "DAC bits (0 = ideal)"),
-    ("--dac-range", str, "absmax | calibrated"),
-    ("--input-mode", str, "analog | bit_serial"),
-    ("--adc-bits", int, "ADC bits (0 = ideal)"),
-    ("--adc-range", str, "fixed | calibrated | per_column"),
-    ("--adc-nonlinearity", float, "ADC transfer nonlinearity alpha (0 = linear)"),
-    ("--variation", str, "none | lognormal | gaussian"),
-    ("--sigma", float, "relative programming variation"),
-    ("--stuck-off-rate", float, "fraction of cells stuck at g_off"),
-    ("--stuck-on-rate", float, "fraction of cells stuck at g_on"),
-    ("--read-noise", float, "relative read noise per cell and MVM"),
-    ("--compensation", str, "line-resistance compensation fitted per tile when programmed: none | column | row-column | predistort"),
-)
+STRUCTURAL = ("rows", "cols")  # hardware keys fixed by the mapping: compile flags only
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,24 +117,16 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compile", help="compile an ONNX model into mapping.bin")
     p.add_argument("model", help="ONNX model file")
     p.add_argument("-o", "--output", required=True, help="mapping file to write")
-    p.add_argument("--ideal", action="store_true", help="float weights, no quantisation, no non-idealities")
-    p.add_argument("--rows", type=int, help="crossbar rows (default 128)")
-    p.add_argument("--cols", type=int, help="crossbar columns (default 128)")
-    _hardware_args(p)
-    p.add_argument("--weight-bits", type=int, help="weight magnitude bits (default 8)")
-    p.add_argument("--weight-scale", help="layer (default: one scale per layer) or channel (one per output, applied digitally)")
-    p.add_argument("--cell-bits", type=int, help="bits per cell (default 8); weight_bits / cell_bits slices")
-    p.add_argument("--encoding", help="signed-weight encoding: dual (default), acm, offset")
-    p.add_argument("--acm-fit", help="ACM rows that overflow the cells: scale (default) or clip")
-    p.add_argument("--remap", help="output remapping against line resistance: none (default), static, dynamic (X-CHANGR), chain (ours), sparse")
-    p.add_argument("--sensitivity", help="how remap static / dynamic / chain rank outputs: magnitude (default), taylor, perturbation")
-    p.add_argument("--remap-rows", action="store_true", help="remap the inputs (rows) too: heaviest rows nearest the sense end")
+    for name, flag, kind, text in option_flags(Hardware):
+        if name in STRUCTURAL:
+            p.add_argument(flag, type=kind, help=text)
+    _hardware_args(p, defaults=True)
+    for name, flag, kind, text in option_flags(CompileOptions):
+        if kind is bool:
+            p.add_argument(flag, action="store_const", const=True, help=text)
+        else:
+            p.add_argument(flag, type=kind, help=text)
     p.add_argument("--calibration", metavar="DATA", help="'digits' or an .npz with x (and labels y): data for remap dynamic / taylor / perturbation")
-    p.add_argument("--crossbars", type=int, help="physical crossbars P; fewer than the tiles makes a reprogramming schedule (docs/schedules.md)")
-    p.add_argument("--schedule", help="load order with --crossbars: layer (default, network order) or sorted (sorted weight sections)")
-    p.add_argument("--stuck-fraction", type=float, help="bit stucking: share p of changed cells rewritten in the stuck slices (default 1)")
-    p.add_argument("--stuck-slices", type=int, help="bit stucking: the k lowest-order slice columns it applies to (default 0)")
-    p.add_argument("--seed", type=int, help="seed of random compile decisions (which cells bit stucking rewrites; default 0)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary line")
     p.add_argument("--strict", action="store_true", help="a weight-bearing op left digital is an error, not a warning")
     p.add_argument("--allow-empty", action="store_true", help="compile a model that has nothing to map onto crossbars")
@@ -230,20 +203,22 @@ def _train(args) -> int:
     return 0
 
 
-def _hardware_args(p: argparse.ArgumentParser) -> None:
+def _hardware_args(p: argparse.ArgumentParser, defaults: bool = False) -> None:
+    """The hardware flags; their defaults are shown where they are the defaults (compile), not
+    where the mapping's hardware is (run, eval)."""
     group = p.add_argument_group("hardware (SI units; override the preset / file)")
     group.add_argument("--preset", help="named hardware (`xcompile presets` lists them with their values and sources)")
     group.add_argument("--hardware", metavar="FILE", help="hardware description (TOML)")
-    for flag, kind, text in HARDWARE_FLAGS:
-        group.add_argument(flag, type=kind, help=text)
+    for name, flag, kind, text in option_flags(Hardware, defaults):
+        if name not in STRUCTURAL:
+            group.add_argument(flag, type=kind, help=text)
 
 
 def _hardware_options(args) -> dict:
     """The hardware the flags describe: preset or file first, then single flags on top."""
     if args.preset and args.hardware:
         raise XCompileError("give --preset or --hardware, not both")
-    options = {flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_")) for flag, _, _ in HARDWARE_FLAGS}
-    options = {k: v for k, v in options.items() if v is not None}
+    options = {name: getattr(args, name) for name, *_ in option_flags(Hardware) if getattr(args, name, None) is not None}
     if args.preset or args.hardware:
         options["hardware"] = args.preset or args.hardware
     return options
@@ -253,28 +228,7 @@ def _compile(args) -> int:
     from xcompile.coverage import describe
     from xcompile.pipeline import compile_model
 
-    options = {
-        key: value
-        for key, value in {
-            "ideal": args.ideal or None,
-            "rows": args.rows,
-            "cols": args.cols,
-            "weight_bits": args.weight_bits,
-            "weight_scale": args.weight_scale,
-            "cell_bits": args.cell_bits,
-            "encoding": args.encoding,
-            "acm_fit": args.acm_fit,
-            "remap": args.remap,
-            "sensitivity": args.sensitivity,
-            "remap_rows": args.remap_rows or None,
-            "crossbars": args.crossbars,
-            "schedule": args.schedule,
-            "stuck_fraction": args.stuck_fraction,
-            "stuck_slices": args.stuck_slices,
-            "seed": args.seed,
-        }.items()
-        if value is not None
-    }
+    options = {name: getattr(args, name) for name, *_ in option_flags(CompileOptions) if getattr(args, name) is not None}
     options.update(_hardware_options(args))
     if args.sensitivity is not None and (args.remap or "none") in ("none", "sparse"):
         raise XCompileError(f"--sensitivity ranks outputs for --remap static, dynamic or chain; --remap {args.remap or 'none'} does not use it")

@@ -40,11 +40,12 @@ def _option(default, help_text: str, kind: type | None = None):
     return dataclasses.field(default=default, metadata={"help": help_text, "type": kind or type(default)})
 
 
-def option_flags(cls) -> list[tuple[str, str, type, str]]:
-    """(field name, --flag, type, help with the default) of every field of CompileOptions or Hardware."""
+def option_flags(cls, defaults: bool = True) -> list[tuple[str, str, type, str]]:
+    """(field name, --flag, type, help) of every field of CompileOptions or Hardware; the help
+    names the default unless `defaults` is False (where the default is a mapping's own value)."""
     flags = []
     for f in fields(cls):
-        shown = "" if f.default is None or f.metadata["type"] is bool else f" (default {f.default:g})" if isinstance(f.default, float) else f" (default {f.default})"
+        shown = "" if not defaults or f.default is None or f.metadata["type"] is bool else f" (default {f.default:g})" if isinstance(f.default, float) else f" (default {f.default})"
         flags.append((f.name, "--" + f.name.replace("_", "-"), f.metadata["type"], f.metadata["help"] + shown))
     return flags
 
