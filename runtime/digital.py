@@ -34,7 +34,7 @@ def im2col(x: np.ndarray, geometry) -> tuple[np.ndarray, tuple[int, ...]]:
     """[B, C, *S] -> ([B * prod(O), C * prod(k)] patch rows, O).
 
     Row order within a patch: group, kernel offset, channel of the group — the layer matrix's
-    row order (xcompile/frontend.py). The input goes channels-last first, so every gather copies
+    row order (xcompile/frontend_mvm.py). The input goes channels-last first, so every gather copies
     a run of channels.
     """
     rank, group = geometry["rank"], geometry["group"]

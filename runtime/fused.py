@@ -1,7 +1,7 @@
 """Ideal hardware as one ONNX Runtime graph: every MVM node back as a standard ONNX operator.
 
 With every non-ideality off, a programmed layer is linear in its input: one effective matrix per
-group (the cells' levels recombined and scaled, runtime/crossbar.py). A convolution on such
+group (the cells' levels recombined and scaled, runtime/programming.py). A convolution on such
 crossbars is then a convolution with the effective weights, and a Gemm / MatMul a MatMul. Putting
 those operators back in place of the CrossbarMVM nodes lets ONNX Runtime run the whole model in
 one session, with its own Conv kernels (no im2col in numpy, no Python per node), so an ideal
