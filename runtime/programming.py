@@ -160,14 +160,8 @@ def fit_compensation(mode: str, columns: list, goals: list, report: dict, moment
 
 
 def effective_weights(layer: Layer) -> np.ndarray:
-    """The weight matrix the programmed cells realise: sum over tiles of combine(levels) * scale."""
-    enc, tiling = layer.encoding, layer.tiling
-    target = np.zeros(layer.weight.shape, dtype=np.float64)
-    for i in range(tiling.count):
-        (r0, r1), (c0, c1) = tiling.row_range[i], tiling.out_range[i]
-        block = enc.combine(layer.levels[i, : r1 - r0].astype(np.float64), c1 - c0)
-        layer.add_block(target, (r0, r1), (c0, c1), block)
-    return target * layer.output_step()
+    """The weight matrix the programmed cells realise: the levels' signed weights times the step."""
+    return layer.level_weights() * layer.output_step()
 
 
 def read_energy(layer: Layer, hw: Hardware, options, rows: np.ndarray) -> float:
@@ -176,10 +170,8 @@ def read_energy(layer: Layer, hw: Hardware, options, rows: np.ndarray) -> float:
     scale = np.abs(x).max(axis=1, keepdims=True)
     v_squared = np.square(np.divide(np.abs(x), scale, out=np.zeros_like(x), where=scale > 0) * hw.v_read)
     level_max = options.level_max
-    tiling, enc = layer.tiling, layer.encoding
     total = 0.0
-    for i in range(tiling.count):
-        (r0, r1), (c0, c1) = tiling.row_range[i], tiling.out_range[i]
-        g = devices.level_conductance(layer.levels[i, : r1 - r0, : enc.columns_used(int(c1 - c0))], level_max, hw)
+    for i, (r0, r1), (c0, c1) in layer.tiles():
+        g = devices.level_conductance(layer.levels[i, : r1 - r0, : layer.encoding.columns_used(c1 - c0)], level_max, hw)
         total += float(v_squared[:, r0:r1].sum(axis=0) @ g.sum(axis=1))
     return total

@@ -16,7 +16,6 @@ import dataclasses
 import os
 from pathlib import Path
 
-import numpy as np
 import onnx
 import onnx.version_converter
 import onnx_ir as ir

@@ -151,6 +151,13 @@ class Layer:
             (r0, r1), (c0, c1) = t.row_range[i], t.out_range[i]
             yield i, (int(r0), int(r1)), (int(c0), int(c1))
 
+    def level_weights(self) -> np.ndarray:
+        """The signed weights [groups, Kg, Ng], in level steps, that the target levels encode."""
+        target = np.zeros(self.weight.shape, dtype=np.float64)
+        for i, (r0, r1), (c0, c1) in self.tiles():
+            self.add_block(target, (r0, r1), (c0, c1), self.encoding.combine(self.levels[i, : r1 - r0].astype(np.float64), c1 - c0))
+        return target
+
     @property
     def groups(self) -> int:
         return int(self.weight.shape[0])

@@ -66,8 +66,8 @@ def _add_layer(graph: nx.DiGraph, layer: Layer, rounds: np.ndarray | None) -> No
     source, sink = f"{layer.name}/in", f"{layer.name}/out"
     graph.add_node(source, kind="input", layer=layer.name, size=layer.rows_in)
     graph.add_node(sink, kind="output", layer=layer.name, size=layer.outputs)
-    for i in range(t.count):
-        (rb, cb), (r0, r1), (c0, c1) = t.grid[i], t.row_range[i], t.out_range[i]
+    for i, (r0, r1), (c0, c1) in layer.tiles():
+        rb, cb = t.grid[i]
         tile = tile_node(layer, i)
         adder = f"{layer.name}/add{cb}"
         graph.add_node(
@@ -77,16 +77,16 @@ def _add_layer(graph: nx.DiGraph, layer: Layer, rounds: np.ndarray | None) -> No
             row_block=int(rb),
             col_block=int(cb),
             crossbar=int(t.crossbar[i]),
-            rows_used=int(r1 - r0),
-            cols_used=int(enc.columns_used(c1 - c0)),
-            outputs=int(c1 - c0),
+            rows_used=r1 - r0,
+            cols_used=enc.columns_used(c1 - c0),
+            outputs=c1 - c0,
             **({} if rounds is None else {"round": int(rounds[i])}),
         )
         if adder not in graph:
             graph.add_node(adder, kind="adder", layer=layer.name, col_block=int(cb))
             graph.add_edge(adder, sink, kind="partial_sums")
-        graph.add_edge(source, tile, kind="rows", first=int(r0), count=int(r1 - r0))
-        graph.add_edge(tile, adder, kind="columns", first=int(c0), count=int(c1 - c0))
+        graph.add_edge(source, tile, kind="rows", first=r0, count=r1 - r0)
+        graph.add_edge(tile, adder, kind="columns", first=c0, count=c1 - c0)
 
 
 def _connect_layers(graph: nx.DiGraph, program: Program) -> None:

@@ -168,9 +168,9 @@ def _history(value) -> tuple[PassRecord, ...]:
     return tuple(records)
 
 
-def _placement(value) -> nx.DiGraph | None:
+def _check_placement(value) -> None:
     if value is None:
-        return None
+        return
     as_dict(value, "placement")
     scalar = (str, int, float, bool)
     if value.get("directed") is not True or value.get("multigraph") is not False or not isinstance(value.get("graph"), dict):
@@ -186,7 +186,7 @@ def _placement(value) -> nx.DiGraph | None:
     if not all(isinstance(v, scalar) for v in value["graph"].values()):
         fail(MANIFEST, "'placement.graph' attributes must be plain values")
     try:
-        return nx.node_link_graph(value, edges="edges")
+        nx.node_link_graph(value, edges="edges")
     except (nx.NetworkXError, KeyError, TypeError, ValueError) as exc:
         fail(MANIFEST, f"'placement' is not a node-link graph ({exc})")
 
@@ -204,7 +204,7 @@ def build_program(manifest: dict, blobs: dict[str, bytes]) -> Program:
     digital = as_list(manifest["digital_nodes"], "digital_nodes")
     for i, op in enumerate(digital):
         as_str(op, f"digital_nodes[{i}]")
-    placement = _placement(manifest["placement"])
+    _check_placement(manifest["placement"])  # written for tools reading the zip; the program derives its own
     layers = tuple(build_layer(meta, i, blobs, options, hardware) for i, meta in enumerate(manifest["layers"]))
     names = [layer.name for layer in layers]
     if len(set(names)) != len(names):

@@ -152,16 +152,6 @@ def _tiling(meta, key: str, prefix: str, arrays: dict, expected, hardware: Hardw
     return Tiling(rows=hardware.rows, cols=hardware.cols, **{n: arrays[n] for n in TILING_ARRAYS})
 
 
-def _signed_weights(layer: Layer) -> np.ndarray:
-    """The signed weights [groups, Kg, Ng] in level steps that the layer's target levels encode."""
-    enc, tiling = layer.encoding, layer.tiling
-    target = np.zeros(layer.weight.shape, dtype=np.float64)
-    for i in range(tiling.count):
-        (r0, r1), (c0, c1) = tiling.row_range[i], tiling.out_range[i]
-        layer.add_block(target, (r0, r1), (c0, c1), enc.combine(layer.levels[i, : r1 - r0].astype(np.float64), int(c1 - c0)))
-    return target
-
-
 def build_layer(meta: dict, position: int, blobs: dict[str, bytes], options: CompileOptions, hardware: Hardware) -> Layer:
     """One layer from its manifest entry and arrays, every array checked against both."""
     key, prefix = f"layers[{position}]", f"arrays/{position}/"
@@ -225,7 +215,7 @@ def build_layer(meta: dict, position: int, blobs: dict[str, bytes], options: Com
         output_name=meta["output_name"], scale=float(meta["scale"]), encoding=encoding, tiling=tiling, levels=levels,
         notes=meta["notes"], **optional,
     )
-    signed = _signed_weights(layer)
+    signed = layer.level_weights()
     with np.errstate(over="ignore"):
         weight = (signed * layer.output_step()).astype(np.float32)
     if not np.isfinite(weight).all():
