@@ -1,6 +1,9 @@
 """Coverage and exactness on quantised, recurrent and transformer models: for each, the share of
 weight elements on crossbars, the layers, and ideal mode's largest relative error against ONNX
-Runtime on the same model (integer outputs compared after their float scale).
+Runtime on the same model (integer outputs compared after their float scale). ONNX Runtime runs with
+`session.x64quantprecision` (exact integer GEMMs) where it loads the model so; where it does not,
+the last column says "saturating": its uint8 x int8 kernels then add 16-bit pair sums with
+saturation on x86 CPUs without VNNI, off the ONNX specification (docs/coverage.md).
 
     python benchmarks/bench_coverage.py        # about a minute on 2 cores
 
@@ -76,7 +79,7 @@ def _feeds(model: onnx.ModelProto, shape) -> dict:
 
 
 def main() -> None:
-    print(f"{'model':<54} {'layers':>6} {'on crossbars':>13} {'left digital':>13} {'max rel. error vs ORT':>22}")
+    print(f"{'model':<54} {'layers':>6} {'on crossbars':>13} {'left digital':>13} {'max rel. error vs ORT':>22}  ORT integer GEMMs")
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
         for label, path, shape in _variants(folder):
@@ -87,11 +90,24 @@ def main() -> None:
                     warnings.simplefilter("ignore")
                     mapping = xcompile.compile_model(model, ideal=True, progress=False)
                 got = xcompile.Session(mapping).run(None, feeds)
-                want = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"]).run(None, feeds)
+                want, mode = _onnxruntime(model_path, feeds)
                 error = max(float(np.abs(g.astype(np.float64) - w).max() / max(np.abs(w).max(), 1e-30)) for g, w in zip(got, want))
                 coverage = mapping.summary()["coverage"]
                 left = ", ".join(sorted({e["op_type"] for e in coverage["left_digital"]})) or "-"
-                print(f"{label + suffix:<54} {len(mapping.layers):>6} {coverage['fraction_on_crossbars']:>13.1%} {left:>13} {error:>22.2g}")
+                print(f"{label + suffix:<54} {len(mapping.layers):>6} {coverage['fraction_on_crossbars']:>13.1%} {left:>13} {error:>22.2g}  {mode}")
+
+
+def _onnxruntime(path: Path, feeds: dict) -> tuple[list, str]:
+    """ONNX Runtime's outputs, with exact integer GEMMs where it loads the model so."""
+    exact = ort.SessionOptions()
+    exact.log_severity_level = 4
+    exact.add_session_config_entry("session.x64quantprecision", "1")
+    for options, mode in ((exact, "exact"), (ort.SessionOptions(), "saturating")):
+        try:
+            return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]).run(None, feeds), mode
+        except (ort.capi.onnxruntime_pybind11_state.NotImplemented, ort.capi.onnxruntime_pybind11_state.Fail):
+            continue
+    raise RuntimeError(f"ONNX Runtime cannot load {path}")
 
 
 if __name__ == "__main__":

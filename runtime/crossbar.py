@@ -13,7 +13,6 @@ BLAS on these shapes.
 from __future__ import annotations
 
 import numpy as np
-import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from xcompile.config import Hardware
@@ -23,6 +22,7 @@ from xcompile.runtime import kernels
 from xcompile.runtime.programming import (
     RowBlock, column_blocks, effective_weights, fit_compensation, program_blocks, read_energy, row_scales,
 )
+from xcompile.runtime.ort_session import inference_session
 from xcompile.runtime.threads import pool, single_threaded_blas
 
 __all__ = ["ProgrammedLayer", "effective_weights", "read_energy"]  # the last two live in runtime/programming.py
@@ -245,14 +245,11 @@ class _ArrayReads:
     GROUP_BYTES = 2**30
 
     def __init__(self, blocks: list[RowBlock]):
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = options.inter_op_num_threads = 1
-        options.log_severity_level = 3
         self._groups = []
         for first, last in _byte_groups([block.conductance.nbytes for block in blocks], self.GROUP_BYTES):
             group = blocks[first:last]
             model = _reads_model(group)
-            session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+            session = inference_session(model.SerializeToString(), threads=1)
             self._groups.append((session, group[0].rows[0], group[-1].rows[1]))
 
     def __call__(self, voltages: np.ndarray) -> list[np.ndarray]:

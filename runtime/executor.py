@@ -19,6 +19,7 @@ from onnx import helper, numpy_helper
 from xcompile.errors import XCompileError
 from xcompile.ir import CUSTOM_DOMAIN, MVM_OP, RECURRENT_OP
 from xcompile.runtime import control_flow, recurrent
+from xcompile.runtime.ort_session import inference_session
 
 
 @dataclass
@@ -155,11 +156,9 @@ class _Segment:
         opsets = [o for o in self._model.opset_import if o.domain != CUSTOM_DOMAIN]
         model = helper.make_model(sub, opset_imports=opsets, ir_version=self._model.ir_version)
         model.functions.extend(self._model.functions)
-        options = ort.SessionOptions()
-        options.log_severity_level = 4  # its errors are raised as XCompileError, not logged as well
-        # ORT's pool would otherwise spin after each segment and fight the crossbar kernels' cores
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        # errors are raised as XCompileError, not logged as well; ORT's pool would otherwise spin
+        # after each segment and fight the crossbar kernels' cores
+        return inference_session(model.SerializeToString(), log_level=4, spinning=False)
 
     def _input_info(self, name: str, value) -> onnx.ValueInfoProto:
         if isinstance(value, np.ndarray):

@@ -26,6 +26,7 @@ from xcompile.runtime import digital
 from xcompile.runtime.crossbar import ProgrammedLayer, read_energy
 from xcompile.runtime.executor import Plan, inferred
 from xcompile.runtime.fused import fused_model
+from xcompile.runtime.ort_session import inference_session
 
 
 class Session:
@@ -170,10 +171,8 @@ class Session:
         if self._fused is None:
             layers = {i: (r.layer, r.crossbar.weights, r.crossbar.bias) for i, r in self._layers.items()}
             model = fused_model(self.program.graph, layers)
-            options = ort.SessionOptions()
-            options.log_severity_level = 4  # a failed run falls back to the step path, which explains it
-            try:
-                self._fused = False if model is None else ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+            try:  # log level 4: a failed run falls back to the step path, which explains it
+                self._fused = False if model is None else inference_session(model.SerializeToString(), log_level=4)
             except (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidGraph,
                     ort.capi.onnxruntime_pybind11_state.InvalidArgument, ort.capi.onnxruntime_pybind11_state.NotImplemented):
                 self._fused = False  # e.g. a layer fed float64 or integers: the step path handles every type

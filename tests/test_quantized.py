@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx.reference import ReferenceEvaluator
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -26,7 +27,18 @@ QUANT_WEIGHTS = {  # op -> positions of its weight, weight scale and zero point 
 
 
 def _reference(m: onnx.ModelProto, feeds: dict) -> list:
-    return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    """ONNX Runtime with exact integer GEMMs where it has them: without the option, its uint8 x int8
+    kernels saturate 16-bit pair sums on x86 CPUs without VNNI, off the ONNX specification
+    (docs/coverage.md). Kernels the option does not cover load only without it."""
+    exact = ort.SessionOptions()
+    exact.add_session_config_entry("session.x64quantprecision", "1")
+    for options in (exact, ort.SessionOptions()):
+        try:
+            session = ort.InferenceSession(m.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        except (ort.capi.onnxruntime_pybind11_state.NotImplemented, ort.capi.onnxruntime_pybind11_state.Fail):
+            continue
+        return session.run(None, feeds)
+    raise AssertionError("ONNX Runtime cannot load the model")
 
 
 def _compiled(m, **options):
@@ -36,14 +48,28 @@ def _compiled(m, **options):
     return mapping, [str(w.message) for w in caught]
 
 
+def _close(got: np.ndarray, expected: np.ndarray) -> np.ndarray:
+    """Elementwise: integers equal, floats within 1e-5 of the output's largest magnitude."""
+    if np.issubdtype(expected.dtype, np.integer):
+        return got == expected
+    return np.abs(got.astype(np.float64) - expected) <= 1e-5 * np.abs(expected).max()
+
+
 def _assert_equal_to_ort(m, feeds, **options):
+    """Ideal mode equals ONNX Runtime. Where it does not, ONNX Runtime must be the one off the ONNX
+    specification, as the onnx package's reference evaluator computes it (e.g. its QLinearMatMul
+    with float16 scales), and there xcompile must equal the specification."""
     mapping, caught = _compiled(m, ideal=True, **options)
-    for got, expected in zip(xcompile.Session(mapping).run(None, feeds), _reference(m, feeds)):
+    got_all, ort_all, spec_all = xcompile.Session(mapping).run(None, feeds), _reference(m, feeds), None
+    for position, (got, expected) in enumerate(zip(got_all, ort_all)):
         assert got.dtype == expected.dtype and got.shape == expected.shape
-        if np.issubdtype(expected.dtype, np.integer):
-            np.testing.assert_array_equal(got, expected)
-        else:
-            assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
+        if _close(got, expected).all():
+            continue
+        if spec_all is None:
+            spec_all = ReferenceEvaluator(m).run(None, feeds)
+        spec = np.asarray(spec_all[position])
+        ort_off_spec = ~_close(expected, spec)
+        assert _close(got, spec)[ort_off_spec].all() and _close(got, expected)[~ort_off_spec].all()
     return mapping, caught
 
 

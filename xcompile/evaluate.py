@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 from tqdm.auto import tqdm
 
 from xcompile.data import check_classes, check_feeds, load_dataset
 from xcompile.errors import XCompileError
+from xcompile.runtime.ort_session import inference_session
 
 CALIBRATION_SAMPLES = 256
 
@@ -78,7 +78,7 @@ class FloatReference:
             raise XCompileError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
         x, y, calib = load_dataset(dataset)
         calib = calibration if calibration is not None else calib if calib is not None else x[:CALIBRATION_SAMPLES]
-        reference = ort.InferenceSession(mapping.program.model, providers=["CPUExecutionProvider"])
+        reference = inference_session(mapping.program.model)
         inputs = reference.get_inputs()
         if len(inputs) != 1:
             raise XCompileError(f"eval needs a model with one input; this one has {[i.name for i in inputs]}")

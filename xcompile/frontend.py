@@ -208,9 +208,9 @@ def _fold_with_onnxruntime(model_ir: ir.Model) -> None:
         for init, name in zip(model.graph.initializer, feeds):
             init.name = name
         try:
-            import onnxruntime
+            from xcompile.runtime.ort_session import inference_session
 
-            result = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {})[0]
+            result = inference_session(model.SerializeToString()).run(None, {})[0]
         except Exception:  # left as it is: build_mvm then names the non-constant weight
             continue
         folded = ir.Value(name=f"{value.name}_folded", const_value=ir.tensor(result))

@@ -15,12 +15,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import helper
 
 from xcompile.data import check_classes, check_feeds, check_labels, check_samples, load_calibration, node_arg
 from xcompile.errors import XCompileError
 from xcompile.ir import Program
+from xcompile.runtime.ort_session import inference_session
 
 GAIN_PREFIX = "xcompile_gain_"
 ROWS_PER_RUN = 8192  # samples (stacked patterns x calibration batch) per ONNX Runtime run
@@ -75,9 +75,7 @@ class GainProbe:
         self.layers = list(program.layers)
         self._channel_axis = {}
         probed = self._insert_gains(model)
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        self.session = ort.InferenceSession(probed.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        self.session = inference_session(probed.SerializeToString())
         self.output_name = probed.graph.output[0].name
         batch = inputs[0].type.tensor_type.shape.dim[0] if inputs[0].type.tensor_type.shape.dim else None
         self.fixed_batch = batch.dim_value if batch is not None and batch.HasField("dim_value") else None
