@@ -38,7 +38,9 @@ class Quantize(Pass):
     def ensures(self, program: Program) -> None:
         top = 2**program.options.weight_bits - 1
         for layer in program.layers:
-            if layer.scale is None or (layer.weight_q is not None and int(np.abs(layer.weight_q).max(initial=0)) > top):
+            if layer.scale is None:
+                self.fail(f"layer '{layer.name}' has no scale", PostconditionError)
+            if layer.weight_q is not None and int(np.abs(layer.weight_q).max(initial=0)) > top:
                 self.fail(f"layer '{layer.name}' has levels beyond {program.options.weight_bits} weight bits", PostconditionError)
 
 

@@ -157,7 +157,7 @@ def test_weights_from_constant_nodes_and_constant_subgraphs():
     m = model(nodes, [tensor("x", ["N", 3, 5, 5])], [tensor("y", ["N", 5])], opset=13)
     mapping = _checked(m, {"x": rng.normal(size=(3, 3, 5, 5)).astype(np.float32)})
     assert [l.op_type for l in mapping.layers] == ["Conv", "MatMul"]
-    assert "DequantizeLinear" not in mapping.program.digital_nodes
+    assert "DequantizeLinear" not in mapping.program.digital_ops
 
 
 def test_external_data(tmp_path):
@@ -199,7 +199,7 @@ def test_matmul_of_two_activations_stays_on_onnxruntime():
     ]
     m = model(nodes, [tensor("x", ["N", 5, 8])], [tensor("y", ["N", 5, 5])], [w])
     mapping = _checked(m, {"x": rng.normal(size=(2, 5, 8)).astype(np.float32)})
-    assert len(mapping.layers) == 1 and "MatMul" in mapping.program.digital_nodes
+    assert len(mapping.layers) == 1 and "MatMul" in mapping.program.digital_ops
 
 
 # ---- random graphs -------------------------------------------------------------------------

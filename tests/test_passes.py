@@ -25,7 +25,7 @@ def _program(onnx_model, **options) -> Program:
     hw = {k: options.pop(k) for k in list(options) if k in ("rows", "cols")}
     return Program(
         model=b"", graph=graph, layers=tuple(layers), options=CompileOptions(**options),
-        hardware=Hardware(**hw), digital_nodes=tuple(digital),
+        hardware=Hardware(**hw), digital_ops=tuple(digital),
     )
 
 

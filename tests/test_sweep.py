@@ -16,7 +16,6 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -335,16 +334,16 @@ def test_a_points_trials_are_what_evaluate_gives_for_the_same_seeds():
 
 
 def test_the_float_model_runs_once_per_point_not_once_per_trial(monkeypatch):
-    import onnxruntime
+    from xcompile.runtime.ort_session import inference_session
 
     evaluate_module = importlib.import_module("xcompile.evaluate")
     built = []
 
     def counting(model, *args, **kwargs):
         built.append(model)
-        return onnxruntime.InferenceSession(model, *args, **kwargs)
+        return inference_session(model, *args, **kwargs)
 
-    monkeypatch.setattr(evaluate_module, "ort", SimpleNamespace(InferenceSession=counting))  # the float model's sessions only
+    monkeypatch.setattr(evaluate_module, "inference_session", counting)  # the float model's sessions only
     point = sweep_module.load_grid({"grid": {"r_wire": [0.0]}}).points[0]
     result = run_point(sweep_module.PointTask(point.key, point.options, "digits", 3, 0, 512, None), str(MLP))
     assert len(result["trials"]) == 3 and len(built) == 1

@@ -31,7 +31,7 @@ from xcompile.validate import ENCODING_ARRAYS as _ENCODING_ARRAYS, MANIFEST, MAN
 from xcompile.validate import TILING_ARRAYS as _TILING_ARRAYS
 
 FORMAT = "xcompile-mapping"
-FORMAT_VERSION = 2  # 2: weights derived from the levels, not stored; validated on load
+FORMAT_VERSION = 3  # 2: weights derived from the levels, not stored; validated on load. 3: digital_ops (was digital_nodes)
 _LAYER_ARRAYS = ("bias", "levels", "output_order", "input_order", "stale_cells", "stale_levels", "channel_scale")
 
 
@@ -85,7 +85,7 @@ def save(program: Program, path: str | os.PathLike) -> Path:
         "options": program.options.to_dict(),
         "hardware": program.hardware.to_dict(),
         "passes": [dataclasses.asdict(record) for record in program.history],
-        "digital_nodes": list(program.digital_nodes),
+        "digital_ops": list(program.digital_ops),
         "layers": layers_meta,
         "placement": nx.node_link_data(placement_graph(program), edges="edges"),  # for tools reading the zip
         "schedule": schedule_meta,

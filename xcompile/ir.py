@@ -220,7 +220,7 @@ class Program:
     options: CompileOptions
     hardware: Hardware
     history: tuple[PassRecord, ...] = ()
-    digital_nodes: tuple[str, ...] = ()  # op types left to ONNX Runtime
+    digital_ops: tuple[str, ...] = ()  # op types left to ONNX Runtime
     schedule: Schedule | None = None  # reprogramming schedule, when the chip has fewer crossbars than tiles
 
     def replace_layers(self, layers) -> "Program":

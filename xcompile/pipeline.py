@@ -56,7 +56,7 @@ def compile_model(
         layers=tuple(layers),
         options=compile_options,
         hardware=hardware,
-        digital_nodes=tuple(digital),
+        digital_ops=tuple(digital),
     )
     program = PIPELINE(program, calibration=data, simulator=_simulator, progress=progress)
     _check_coverage(program, strict, allow_empty)

@@ -89,7 +89,7 @@ def summary(program: Program) -> dict[str, Any]:
             if any(l["adc_conversions_per_inference"] is None for l in layers)
             else sum(l["adc_conversions_per_inference"] for l in layers),
         },
-        "digital_ops": list(program.digital_nodes),
+        "digital_ops": list(program.digital_ops),
         "coverage": coverage(program),
         "schedule": reprogramming.summary(program.schedule),
     }

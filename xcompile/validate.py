@@ -43,7 +43,7 @@ MANIFEST_DIGEST = "manifest.sha256"
 MANIFEST_BYTES_MAX = 256 << 20  # the manifest is parsed whole; a big model's is a few MB
 JSON_DEPTH_MAX = 32  # the manifest nests 6 deep; free-form notes get some room
 OPTIONAL_ARRAYS = ("bias", "output_order", "input_order", "stale_cells", "stale_levels", "channel_scale")
-MANIFEST_KEYS = {"format", "format_version", "xcompile_version", "options", "hardware", "passes", "digital_nodes", "layers", "placement", "schedule", "members"}
+MANIFEST_KEYS = {"format", "format_version", "xcompile_version", "options", "hardware", "passes", "digital_ops", "layers", "placement", "schedule", "members"}
 
 
 # --- the container -----------------------------------------------------------------------------
@@ -201,9 +201,9 @@ def build_program(manifest: dict, blobs: dict[str, bytes]) -> Program:
         fail(MANIFEST, f"'options.ideal' must be true or false, got {short_repr(options.ideal)}")
     hardware = _config(Hardware, manifest["hardware"], "hardware")
     history = _history(manifest["passes"])
-    digital = as_list(manifest["digital_nodes"], "digital_nodes")
+    digital = as_list(manifest["digital_ops"], "digital_ops")
     for i, op in enumerate(digital):
-        as_str(op, f"digital_nodes[{i}]")
+        as_str(op, f"digital_ops[{i}]")
     _check_placement(manifest["placement"])  # written for tools reading the zip; the program derives its own
     layers = tuple(build_layer(meta, i, blobs, options, hardware) for i, meta in enumerate(manifest["layers"]))
     names = [layer.name for layer in layers]
@@ -215,5 +215,5 @@ def build_program(manifest: dict, blobs: dict[str, bytes]) -> Program:
     check_runtime_graph(graph, layers)
     return Program(
         model=blobs["model.onnx"], graph=graph, layers=layers, options=options, hardware=hardware, history=history,
-        digital_nodes=tuple(digital), schedule=schedule,
+        digital_ops=tuple(digital), schedule=schedule,
     )
