@@ -19,7 +19,6 @@ import warnings
 import numpy as np
 import onnx
 import onnxruntime as ort
-import pytest
 from hypothesis import HealthCheck, event, given, note, settings
 from hypothesis import strategies as st
 from onnx import helper, numpy_helper

@@ -230,8 +230,6 @@ def test_predistortion_solves_through_the_network_and_reports_its_cost():
 @pytest.mark.parametrize("options", [dict(encoding="dual"), dict(encoding="acm"), dict(encoding="offset"),
                                      dict(weight_bits=8, cell_bits=4), dict(weight_scale="channel")])
 def test_compensation_composes_with_encodings_slicing_and_converters(options):
-    import onnxruntime as ort
-
     from builders import dense
 
     model = dense(96, 40, seed=2)
