@@ -38,8 +38,7 @@ class Assign(Pass):
 
 
 def _assign(layer: Layer, dtype, top: int, cell_bits: int) -> Layer:
-    step = layer.output_step()
-    signed = layer.weight_q if layer.weight_q is not None else layer.weight / (np.float32(step) if layer.channel_scale is None else step)
+    signed = layer.in_level_steps()
     t = layer.tiling
     levels = np.zeros((t.count, t.rows, t.cols), dtype=dtype)
     for i, row_range, out_range in layer.tiles():

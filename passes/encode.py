@@ -131,12 +131,6 @@ def physical_cells(encoding: Encoding, logical: np.ndarray, cell_bits: int) -> n
     return np.stack(parts, axis=-1).reshape(logical.shape[0], -1)
 
 
-def _step32(layer: Layer):
-    """The layer's level step per output as float32 (dividing float32 weights stays float32)."""
-    step = layer.output_step()
-    return np.float32(step) if layer.channel_scale is None else step.astype(np.float32)
-
-
 def _suffix_sums(block: np.ndarray) -> np.ndarray:
     """[rows, n + 1]: S_ij = sum_{k >= j} block_ik, with S_in = 0 (the extra column)."""
     zero = np.zeros((block.shape[0], 1), dtype=block.dtype)
@@ -155,7 +149,7 @@ def _acm_span(layer: Layer, signed: np.ndarray, per_tile: int) -> float:
 
 def _fit_acm(layer: Layer, top: int, per_tile: int, fit: str, ideal: bool, per_channel: bool) -> Layer:
     """Make every row's suffix sums fit the cell range, by a coarser scale or by counted clipping."""
-    signed = layer.weight_q if not ideal else layer.weight / _step32(layer)
+    signed = layer.in_level_steps()
     span = _acm_span(layer, signed, per_tile)
     if span <= top:
         return layer
@@ -163,7 +157,7 @@ def _fit_acm(layer: Layer, top: int, per_tile: int, fit: str, ideal: bool, per_c
         limit = int(top * top / span)
         while limit >= 1:  # rounding can push a row over again: widen the step until all fit
             scaled = quantise(layer, limit, ideal, per_channel)
-            check = scaled.weight_q if not ideal else scaled.weight / _step32(scaled)
+            check = scaled.in_level_steps()
             if _acm_span(scaled, check, per_tile) <= top:
                 notes = {**layer.notes, "acm_rescaled_by": round(scaled.scale / layer.scale, 6)}
                 return dataclasses.replace(scaled, notes=notes)

@@ -151,6 +151,14 @@ class Layer:
             (r0, r1), (c0, c1) = t.row_range[i], t.out_range[i]
             yield i, (int(r0), int(r1)), (int(c0), int(c1))
 
+    def in_level_steps(self) -> np.ndarray:
+        """The weights [groups, Kg, Ng] in level steps: weight_q, or in ideal mode (float weights)
+        weight / step in float32 (dividing float32 weights stays float32)."""
+        if self.weight_q is not None:
+            return self.weight_q
+        step = self.output_step()
+        return self.weight / (np.float32(step) if self.channel_scale is None else step.astype(np.float32))
+
     def level_weights(self) -> np.ndarray:
         """The signed weights [groups, Kg, Ng], in level steps, that the target levels encode."""
         target = np.zeros(self.weight.shape, dtype=np.float64)
