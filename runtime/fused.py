@@ -112,8 +112,12 @@ def _operators(layer: Layer, weights: np.ndarray, bias, x: str, y: str, prefix: 
             attributes["output_shape"] = geometry["output_shape"]
         inputs = [x, constant("W", w)] + ([constant("B", bias)] if bias is not None else [])
         return [helper.make_node("ConvTranspose", inputs, [y], name=prefix, **attributes)], inits
-    if layer.kind != "dense" or groups != 1:
+    if layer.kind != "dense":
         return None
+    if groups != 1:  # a batch of matrices (frontend_einsum.py): rows [V, G*Kg] -> [V, G*Ng]
+        if geometry["transpose_input"] or geometry["weight_left"] or geometry["squeeze"]:
+            return None
+        return _grouped_dense(weights, bias, x, y, prefix, constant, inits)
     nodes = []
     if geometry["transpose_input"]:
         nodes.append(helper.make_node("Transpose", [x], [f"{prefix}/xT"], name=f"{prefix}/transpose", perm=[1, 0]))
@@ -130,6 +134,27 @@ def _operators(layer: Layer, weights: np.ndarray, bias, x: str, y: str, prefix: 
     if bias is not None:
         shaped = bias.reshape(-1, 1) if geometry["weight_left"] and not geometry["squeeze"] else bias
         nodes.append(helper.make_node("Add", [product, constant("B", shaped)], [y], name=f"{prefix}/bias"))
+    return nodes, inits
+
+
+def _grouped_dense(weights: np.ndarray, bias, x: str, y: str, prefix: str, constant, inits: list):
+    """Block-diagonal weights [G, Kg, Ng] as one batched MatMul over the groups."""
+    groups, kg, ng = weights.shape
+
+    def shape(name: str, dims: list[int]) -> str:
+        inits.append(numpy_helper.from_array(np.array(dims, dtype=np.int64), f"{prefix}/{name}"))
+        return f"{prefix}/{name}"
+
+    product = f"{prefix}/product" if bias is not None else y
+    nodes = [
+        helper.make_node("Reshape", [x, shape("groups_in", [-1, groups, kg])], [f"{prefix}/vgk"], name=f"{prefix}/split_groups"),
+        helper.make_node("Transpose", [f"{prefix}/vgk"], [f"{prefix}/gvk"], name=f"{prefix}/groups_first", perm=[1, 0, 2]),
+        helper.make_node("MatMul", [f"{prefix}/gvk", constant("W", weights)], [f"{prefix}/gvn"], name=f"{prefix}/matmul"),
+        helper.make_node("Transpose", [f"{prefix}/gvn"], [f"{prefix}/vgn"], name=f"{prefix}/vectors_first", perm=[1, 0, 2]),
+        helper.make_node("Reshape", [f"{prefix}/vgn", shape("groups_out", [-1, groups * ng])], [product], name=f"{prefix}/join_groups"),
+    ]
+    if bias is not None:
+        nodes.append(helper.make_node("Add", [product, constant("B", bias)], [y], name=f"{prefix}/bias"))
     return nodes, inits
 
 

@@ -23,6 +23,7 @@ import onnx_ir.passes.common as common_passes
 from onnxscript.optimizer import fold_constants
 
 from xcompile.coverage import CONTROL_FLOW, REASON_KEY, WEIGHT_OPERANDS, Unsupported
+from xcompile.frontend_einsum import batched, lower_batched
 from xcompile.frontend_mvm import build_mvm, replace_with_mvm
 from xcompile.frontend_quant import INTEGER_KEY, SOURCE_KEY, lower_quantized, subgraphs
 from xcompile.frontend_recurrent import RECURRENT_OPS, build_recurrent
@@ -139,9 +140,18 @@ def _extract(graph: ir.Graph, layers: list[Layer], names: set[str]) -> None:
         if node.domain in ("", "ai.onnx") and node.op_type in CONTROL_FLOW:  # both If branches, Loop and Scan bodies
             for body in subgraphs(node):
                 _extract(body, layers, names)
-        if node.domain not in ("", "ai.onnx") or node.op_type not in WEIGHT_OPS:
+        if node.domain not in ("", "ai.onnx") or node.op_type not in WEIGHT_OPS + ("Einsum",):
             continue
         name = _unique(node.name or f"{node.op_type}_{position}", names)
+        if batched(node):
+            try:
+                layer = lower_batched(graph, node, len(layers), name)
+            except Unsupported as exc:
+                node.metadata_props[REASON_KEY] = str(exc)
+                continue
+            if layer is not None:
+                layers.append(layer)
+            continue
         if node.op_type in RECURRENT_OPS:
             try:
                 recurrent_layers, runtime_node = build_recurrent(node, len(layers), name)

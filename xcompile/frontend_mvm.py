@@ -82,11 +82,7 @@ def build_mvm(node: ir.Node, index: int, name: str) -> tuple[Layer, tuple | None
 
 
 def _dense_from_matmul(node, index, name, weight, x, weight_left: bool) -> Layer:
-    if weight.ndim > 2:
-        raise Unsupported(
-            f"the constant operand has shape {list(weight.shape)}, a batch of matrices; "
-            "xcompile maps 1-D and 2-D constant MatMul operands"
-        )
+    """A 1-D or 2-D constant operand (a batch of matrices is frontend_einsum.py's)."""
     squeeze = weight.ndim == 1
     if weight_left:  # Y = W[M, K] @ X[..., K, N]  ->  Y^T = X^T @ W^T
         matrix = weight.reshape(1, -1).T if squeeze else weight.T
