@@ -31,7 +31,7 @@ EXAMPLES = int(os.environ.get("XCOMPILE_FUZZ_EXAMPLES", "200"))
 
 # What xcompile refuses although ONNX Runtime runs it (docs/errors.md)
 REFUSALS = re.compile(
-    r"must be finite|the weight is empty|is not a constant|a batch of matrices|must be 2-D|kernel_shape .* does not match"
+    r"must be finite|the weight is empty|is not a constant|a batch of matrices|has no known size|broadcasts against|must be 2-D|kernel_shape .* does not match"
 )
 
 FUZZ = settings(
