@@ -242,3 +242,30 @@ def test_random_qlinear_conv_requantises_like_onnxruntime(channels, out_channels
     x = rng.integers(info.min, info.max + 1, size=(2, channels, 6, 6)).astype(x_np)
     mapping, _ = _assert_equal_to_ort(m, {"x": x})
     assert len(mapping.layers) == 1
+
+
+@pytest.mark.parametrize("mask, unidirectional, qkv_sizes", [(False, 0, None), (True, 0, None), (True, 1, None), (False, 0, [8, 8, 4])])
+def test_onnxruntime_attention_projects_its_input_on_crossbars(mask, unidirectional, qkv_sizes, tmp_path):
+    """ORT's fused Attention (its transformer optimiser writes it for BERT-like models): the input
+    projection becomes a crossbar layer, the attention itself runs on ONNX Runtime as before."""
+    rng = np.random.default_rng(5)
+    hidden_in, heads = 12, 2
+    width = sum(qkv_sizes) if qkv_sizes else 24
+    weights = numpy_helper.from_array(rng.normal(size=(hidden_in, width)).astype(np.float32), "w")
+    bias = numpy_helper.from_array(rng.normal(size=width).astype(np.float32), "b")
+    attributes = {"num_heads": heads, "unidirectional": unidirectional, **({"qkv_hidden_sizes": qkv_sizes} if qkv_sizes else {})}
+    node = helper.make_node("Attention", ["x", "w", "b"] + (["mask"] if mask else []), ["y"], domain="com.microsoft", name="attention", **attributes)
+    inputs = [tensor("x", ["B", "S", hidden_in])] + ([tensor("mask", ["B", "S"], TensorProto.INT32)] if mask else [])
+    m = model([node], inputs, [tensor("y", ["B", "S", qkv_sizes[2] if qkv_sizes else 8])], [weights, bias], opset=17)
+    m.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    feeds = {"x": rng.normal(size=(2, 5, hidden_in)).astype(np.float32)}
+    if mask:
+        feeds["mask"] = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], np.int32)
+    mapping, caught = _assert_equal_to_ort(m, feeds)
+    assert not caught and [layer.op_type for layer in mapping.layers] == ["Attention"]
+    assert mapping.layers[0].weight.shape == (1, hidden_in, width)
+    assert mapping.summary()["coverage"] == {**mapping.summary()["coverage"], "fraction_on_crossbars": 1.0, "left_digital": []}
+    mapping.save(tmp_path / "m.bin")  # the Attention node and its identity weights pass the loader's checks
+    loaded = xcompile.load(tmp_path / "m.bin")
+    np.testing.assert_array_equal(xcompile.Session(loaded).run(None, feeds)[0], xcompile.Session(mapping).run(None, feeds)[0])
+    assert loaded.summary()["coverage"]["left_digital"] == []

@@ -16,6 +16,7 @@ import onnx
 from xcompile.ir import Program
 
 REASON_KEY = "xcompile.left_digital"
+PROJECTED_KEY = "xcompile.projected"  # an Attention whose projection xcompile moved onto crossbars: identity weights
 
 # op type -> positions of its weight operands (an op bears weights when one of them is a constant)
 WEIGHT_OPERANDS: dict[tuple[str, str], tuple[int, ...]] = {
@@ -64,7 +65,7 @@ def _scan(graph: onnx.GraphProto, constants: dict[str, int], where: str) -> list
     for position, node in enumerate(graph.node):
         name = node.name or f"{node.op_type}_{position}"
         operands = WEIGHT_OPERANDS.get((_domain(node), node.op_type))
-        if operands is not None:
+        if operands is not None and not any(p.key == PROJECTED_KEY for p in node.metadata_props):
             weights = sum(_constant_size(node.input[i], constants, producers) for i in operands if i < len(node.input) and node.input[i])
             reason = _reason(node)
             if weights or reason:

@@ -13,7 +13,10 @@ the float32 output scale it computes (same operand order), then QuantizeLinear(s
 for the round-half-even and saturation of its requantisation. QDQ weights (DequantizeLinear of
 constants, per tensor or per axis) are folded to float weights before this (frontend.py).
 ONNX Runtime's float fusions `FusedConv`, `FusedGemm`, `FusedMatMul` become the plain op and
-their activation.
+their activation. Its fused `Attention` keeps running as itself, on the projected input: the
+projection `input @ weights` becomes a MatMul (a crossbar layer) and the Attention node gets
+identity weights, through which a float value passes unchanged (x * 1 + 0 * ...), so
+`Attention(input @ W, I, bias, ...)` is the original node, with every option it has.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from xcompile.coverage import REASON_KEY, WEIGHT_OPERANDS, Unsupported
+from xcompile.coverage import PROJECTED_KEY, REASON_KEY, WEIGHT_OPERANDS, Unsupported
 
 SOURCE_KEY = "xcompile.source_op"  # on the lowered MatMul / Conv: the op it came from
 INTEGER_KEY = "xcompile.integer_weights"  # "1" when its weights are the model's integers
@@ -29,7 +32,7 @@ MS = "com.microsoft"
 QUANTISED = {
     ("", "MatMulInteger"), ("", "ConvInteger"), ("", "QLinearMatMul"), ("", "QLinearConv"),
     (MS, "QGemm"), (MS, "MatMulIntegerToFloat"), (MS, "DynamicQuantizeMatMul"), (MS, "FusedConv"), (MS, "FusedMatMul"),
-    (MS, "FusedGemm"),
+    (MS, "FusedGemm"), (MS, "Attention"),
 }
 _ACTIVATIONS = {"Relu": (), "Tanh": (), "Sigmoid": (), "LeakyRelu": ("alpha",), "HardSigmoid": ("alpha", "beta")}
 
@@ -336,9 +339,24 @@ def _fused_matmul(graph, node):
     return b.nodes, [b.add("MatMul", [a, b.const("weight", weight)], **{SOURCE_KEY: "FusedMatMul"})]
 
 
+def _attention(graph, node):
+    x, w = _inputs(node, 2)
+    weight = _weight(w)
+    if weight.ndim != 2 or weight.dtype != np.float32:
+        raise Unsupported(f"the weights have shape {list(weight.shape)} and type {weight.dtype}; xcompile lowers 2-D float32 Attention weights")
+    b = _Builder(graph, node)
+    qkv = b.add("MatMul", [x, b.const("weights", weight)], **{SOURCE_KEY: "Attention"})
+    identity = b.const("identity_weights", np.eye(weight.shape[1], dtype=np.float32))
+    attention = ir.node("Attention", [qkv, identity] + list(node.inputs)[2:], {a.name: a for a in node.attributes.values()},
+                        domain=MS, num_outputs=len(node.outputs), name=f"{b.prefix}/attention")
+    attention.metadata_props[PROJECTED_KEY] = "1"
+    b.nodes.append(attention)
+    return b.nodes, list(attention.outputs)
+
+
 _LOWER = {
     "MatMulInteger": _matmul_integer, "ConvInteger": _conv_integer, "QLinearMatMul": _qlinear_matmul,
     "QLinearConv": _qlinear_conv, "QGemm": _qgemm, "MatMulIntegerToFloat": _matmul_integer_to_float,
     "DynamicQuantizeMatMul": _dynamic_quantize_matmul, "FusedConv": _fused_conv, "FusedMatMul": _fused_matmul,
-    "FusedGemm": _fused_gemm,
+    "FusedGemm": _fused_gemm, "Attention": _attention,
 }
