@@ -6,7 +6,9 @@ the model with torch (TorchScript exporter, opset 17), fuses it with
 `onnxruntime.transformers.optimizer.optimize_model(model_type="bert")` (Attention,
 SkipLayerNormalization, BiasGelu, EmbedLayerNormalization), compiles it in ideal mode and prints
 the share of weights on crossbars, what is left digital, and the largest error against ONNX
-Runtime on two tokenised sentences.
+Runtime on two tokenised sentences; then the same for the fused model quantised by
+`quantize_dynamic` (QAttention, DynamicQuantizeMatMul / MatMulInteger), against ONNX Runtime with
+exact integer GEMMs where it loads the model so (docs/coverage.md).
 
     python benchmarks/bench_fused_bert.py
 """
@@ -62,28 +64,39 @@ def main() -> None:
     from onnxruntime.transformers.optimizer import optimize_model
 
     logging.disable(logging.WARNING)
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
     with tempfile.TemporaryDirectory() as folder:
         path, feeds = export(Path(folder))
         fused = optimize_model(str(path), model_type="bert", num_heads=12, hidden_size=384, opt_level=0)
         fused_path = Path(folder) / "minilm_fused.onnx"
         fused.save_model_to_file(str(fused_path))
-        model = onnx.load(fused_path)
+        quantised_path = Path(folder) / "minilm_fused_int8.onnx"
+        quantize_dynamic(fused_path, quantised_path, weight_type=QuantType.QInt8, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+        models = {"fused": onnx.load(fused_path), "fused + quantize_dynamic": onnx.load(quantised_path)}
+    for label, model in models.items():
+        report(label, model, feeds)
+
+
+def report(label: str, model: onnx.ModelProto, feeds: dict) -> None:
     ops: dict[str, int] = {}
     for node in model.graph.node:
         ops[node.op_type] = ops.get(node.op_type, 0) + 1
-    print("fused graph:", ", ".join(f"{op} {count}" for op, count in sorted(ops.items())))
+    print(f"{label}:", ", ".join(f"{op} {count}" for op, count in sorted(ops.items())))
     started = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         mapping = xcompile.compile_model(model, ideal=True, progress=False)
     coverage = mapping.summary()["coverage"]
-    print(f"compiled in {time.perf_counter() - started:.1f} s: {len(mapping.layers)} crossbar layers "
+    print(f"  compiled in {time.perf_counter() - started:.1f} s: {len(mapping.layers)} crossbar layers "
           f"({', '.join(sorted({layer.op_type for layer in mapping.layers}))}), {coverage['fraction_on_crossbars']:.1%} of weights on crossbars, "
           f"left digital: {[entry['node'] for entry in coverage['left_digital']] or 'nothing'}; warnings: {[str(w.message) for w in caught] or 'none'}")
-    expected = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+    exact = ort.SessionOptions()
+    exact.add_session_config_entry("session.x64quantprecision", "1")
+    expected = ort.InferenceSession(model.SerializeToString(), exact, providers=["CPUExecutionProvider"]).run(None, feeds)
     got = xcompile.Session(mapping).run(None, feeds)
     for name, g, e in zip(("hidden", "pooled"), got, expected):
-        print(f"{name}: largest error vs ONNX Runtime {float(np.abs(g - e).max() / np.abs(e).max()):.2g} of its largest value")
+        print(f"  {name}: largest error vs ONNX Runtime {float(np.abs(g - e).max() / np.abs(e).max()):.2g} of its largest value")
 
 
 if __name__ == "__main__":

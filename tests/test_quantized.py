@@ -244,10 +244,8 @@ def test_random_qlinear_conv_requantises_like_onnxruntime(channels, out_channels
     assert len(mapping.layers) == 1
 
 
-@pytest.mark.parametrize("mask, unidirectional, qkv_sizes", [(False, 0, None), (True, 0, None), (True, 1, None), (False, 0, [8, 8, 4])])
-def test_onnxruntime_attention_projects_its_input_on_crossbars(mask, unidirectional, qkv_sizes, tmp_path):
-    """ORT's fused Attention (its transformer optimiser writes it for BERT-like models): the input
-    projection becomes a crossbar layer, the attention itself runs on ONNX Runtime as before."""
+def _attention_model(mask: bool, unidirectional: int = 0, qkv_sizes=None):
+    """One ORT Attention node (its transformer optimiser writes it for BERT-like models), and feeds."""
     rng = np.random.default_rng(5)
     hidden_in, heads = 12, 2
     width = sum(qkv_sizes) if qkv_sizes else 24
@@ -261,6 +259,13 @@ def test_onnxruntime_attention_projects_its_input_on_crossbars(mask, unidirectio
     feeds = {"x": rng.normal(size=(2, 5, hidden_in)).astype(np.float32)}
     if mask:
         feeds["mask"] = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], np.int32)
+    return m, feeds, hidden_in, width
+
+
+@pytest.mark.parametrize("mask, unidirectional, qkv_sizes", [(False, 0, None), (True, 0, None), (True, 1, None), (False, 0, [8, 8, 4])])
+def test_onnxruntime_attention_projects_its_input_on_crossbars(mask, unidirectional, qkv_sizes, tmp_path):
+    """The input projection becomes a crossbar layer, the attention itself runs on ONNX Runtime as before."""
+    m, feeds, hidden_in, width = _attention_model(mask, unidirectional, qkv_sizes)
     mapping, caught = _assert_equal_to_ort(m, feeds)
     assert not caught and [layer.op_type for layer in mapping.layers] == ["Attention"]
     assert mapping.layers[0].weight.shape == (1, hidden_in, width)
@@ -269,3 +274,19 @@ def test_onnxruntime_attention_projects_its_input_on_crossbars(mask, unidirectio
     loaded = xcompile.load(tmp_path / "m.bin")
     np.testing.assert_array_equal(xcompile.Session(loaded).run(None, feeds)[0], xcompile.Session(mapping).run(None, feeds)[0])
     assert loaded.summary()["coverage"]["left_digital"] == []
+
+
+@pytest.mark.parametrize("mask", [False, True])
+def test_quantize_dynamic_attention_maps_its_integer_projection(mask, tmp_path):
+    """quantize_dynamic turns the Attention into DynamicQuantizeLinear + QAttention: the int8
+    weights are the cell levels, the float attention is ONNX Runtime's."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    m, feeds, hidden_in, width = _attention_model(mask)
+    onnx.save(m, tmp_path / "float.onnx")
+    quantize_dynamic(tmp_path / "float.onnx", tmp_path / "q.onnx", weight_type=QuantType.QInt8, op_types_to_quantize=["Attention"])
+    q = onnx.load(tmp_path / "q.onnx")
+    assert "QAttention" in {n.op_type for n in q.graph.node}
+    mapping, caught = _assert_equal_to_ort(q, feeds)
+    assert not caught and [layer.op_type for layer in mapping.layers] == ["QAttention"]
+    assert mapping.layers[0].notes.get("integer_weights") and mapping.summary()["coverage"]["left_digital"] == []

@@ -16,7 +16,8 @@ ONNX Runtime's float fusions `FusedConv`, `FusedGemm`, `FusedMatMul` become the 
 their activation. Its fused `Attention` keeps running as itself, on the projected input: the
 projection `input @ weights` becomes a MatMul (a crossbar layer) and the Attention node gets
 identity weights, through which a float value passes unchanged (x * 1 + 0 * ...), so
-`Attention(input @ W, I, bias, ...)` is the original node, with every option it has.
+`Attention(input @ W, I, bias, ...)` is the original node, with every option it has. Its int8
+`QAttention` becomes the integer MVM of its projection, dequantised, and the same float Attention.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ MS = "com.microsoft"
 QUANTISED = {
     ("", "MatMulInteger"), ("", "ConvInteger"), ("", "QLinearMatMul"), ("", "QLinearConv"),
     (MS, "QGemm"), (MS, "MatMulIntegerToFloat"), (MS, "DynamicQuantizeMatMul"), (MS, "FusedConv"), (MS, "FusedMatMul"),
-    (MS, "FusedGemm"), (MS, "Attention"),
+    (MS, "FusedGemm"), (MS, "Attention"), (MS, "QAttention"),
 }
 _ACTIVATIONS = {"Relu": (), "Tanh": (), "Sigmoid": (), "LeakyRelu": ("alpha",), "HardSigmoid": ("alpha", "beta")}
 
@@ -346,17 +347,35 @@ def _attention(graph, node):
         raise Unsupported(f"the weights have shape {list(weight.shape)} and type {weight.dtype}; xcompile lowers 2-D float32 Attention weights")
     b = _Builder(graph, node)
     qkv = b.add("MatMul", [x, b.const("weights", weight)], **{SOURCE_KEY: "Attention"})
-    identity = b.const("identity_weights", np.eye(weight.shape[1], dtype=np.float32))
-    attention = ir.node("Attention", [qkv, identity] + list(node.inputs)[2:], {a.name: a for a in node.attributes.values()},
+    return b.nodes, _projected_attention(b, node, qkv, weight.shape[1], list(node.inputs)[2:])
+
+
+def _qattention(graph, node):
+    x, w, bias, x_scale, w_scale, mask, x_zero, w_zero, past = _inputs(node, 9)
+    weight = _matmul_weight(_weight(w), _zero(w_zero))
+    b = _Builder(graph, node)
+    w_scale_value = _per_column(_scale(w_scale, "weight scale"), weight.shape[1], "weight scale").astype(np.float32)
+    acc = b.mvm("MatMul", [b.centred(x, x_zero), b.const("weight", weight)])
+    qkv = _finish(b, acc, b.add("Mul", [x_scale, b.const("w_scale", w_scale_value)]), None)[1][0]
+    return b.nodes, _projected_attention(b, node, qkv, weight.shape[1], [bias, mask, past])
+
+
+def _projected_attention(b: "_Builder", node, qkv: ir.Value, width: int, rest: list) -> list:
+    """An ORT Attention on the already projected input: identity weights, the node's other inputs
+    and attributes; xcompile's identity is marked so that coverage does not count it."""
+    while rest and rest[-1] is None:
+        rest = rest[:-1]
+    identity = b.const("identity_weights", np.eye(width, dtype=np.float32))
+    attention = ir.node("Attention", [qkv, identity] + rest, {a.name: a for a in node.attributes.values()},
                         domain=MS, num_outputs=len(node.outputs), name=f"{b.prefix}/attention")
     attention.metadata_props[PROJECTED_KEY] = "1"
     b.nodes.append(attention)
-    return b.nodes, list(attention.outputs)
+    return list(attention.outputs)
 
 
 _LOWER = {
     "MatMulInteger": _matmul_integer, "ConvInteger": _conv_integer, "QLinearMatMul": _qlinear_matmul,
     "QLinearConv": _qlinear_conv, "QGemm": _qgemm, "MatMulIntegerToFloat": _matmul_integer_to_float,
     "DynamicQuantizeMatMul": _dynamic_quantize_matmul, "FusedConv": _fused_conv, "FusedMatMul": _fused_matmul,
-    "FusedGemm": _fused_gemm, "Attention": _attention,
+    "FusedGemm": _fused_gemm, "Attention": _attention, "QAttention": _qattention,
 }
