@@ -4,6 +4,9 @@ W x for every time step is one batch through the W layer; R h goes through the R
 step; gates, peepholes, clip, activations and the state update are numpy, as the ONNX operator
 specifications define them (layout 0 and 1, sequence_lens, initial states, linear_before_reset,
 input_forget). Steps past a sequence's length keep its state and output zeros, as ONNX Runtime.
+With `dynamic_quantize` (ONNX Runtime's DynamicQuantizeLSTM) every input of a crossbar product
+is first quantised as that kernel does, once per product: the whole X of a direction, then h at
+each step, to uint8 on the range [min(v, 0), max(v, 0)] (round half to even), and dequantised.
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ def run(attrs: dict, x, seq_lens, initial_h, initial_c, peepholes, mvm: Callable
     y_h = np.zeros((directions, batch, hidden), dtype)
     y_c = np.zeros((directions, batch, hidden), dtype)
     r_per = len(attrs["r_layers"]) // directions
+    if attrs.get("dynamic_quantize"):
+        mvm = _dynamically_quantised(mvm)
     for d in range(directions):
         reverse = attrs["direction"] == "reverse" or d == 1
         funcs = [
@@ -79,6 +84,20 @@ def run(attrs: dict, x, seq_lens, initial_h, initial_c, peepholes, mvm: Callable
     if attrs["layout"]:
         return [y.transpose(2, 0, 1, 3), y_h.transpose(1, 0, 2), y_c.transpose(1, 0, 2)]
     return [y, y_h, y_c]
+
+
+def _dynamically_quantised(mvm: Callable[[int, np.ndarray], np.ndarray]) -> Callable[[int, np.ndarray], np.ndarray]:
+    """mvm with its input quantised to uint8 over the whole input, and dequantised, first."""
+
+    def quantised(index: int, v: np.ndarray) -> np.ndarray:
+        v = np.asarray(v, dtype=np.float32)
+        low, high = np.float32(min(float(v.min(initial=0.0)), 0.0)), np.float32(max(float(v.max(initial=0.0)), 0.0))
+        scale = np.float32(1.0) if high == low else np.float32((high - low) / np.float32(255))
+        zero = np.float32(np.rint(np.clip(np.float32(0) - low / scale, 0, 255)))
+        levels = np.clip(np.rint(v / scale) + zero, 0, 255)
+        return mvm(index, ((levels - zero) * scale).astype(np.float32))
+
+    return quantised
 
 
 def _time_order(steps: int, lengths: np.ndarray, reverse: bool) -> np.ndarray:

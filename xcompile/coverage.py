@@ -112,17 +112,9 @@ def _default_reason(node: onnx.NodeProto, operands, constants) -> str:
         i >= len(node.input) or node.input[i] in constants for i in operands
     ):
         return "all operands are constants (ONNX Runtime computes it once)"
-    return _NOT_LOWERED.get(node.op_type, f"xcompile does not map {node.op_type} onto crossbars")
+    return f"xcompile does not map {node.op_type} onto crossbars"
 
 
-_NOT_LOWERED = {
-    "DynamicQuantizeLSTM": "ONNX Runtime quantises this LSTM's inputs inside its kernel, once per GEMM call; xcompile does "
-    "not reproduce that, so the op stays on ONNX Runtime (quantise the float model's LSTM with op_types_to_quantize "
-    "excluding LSTM to map it)",
-    "Attention": "a fused attention kernel xcompile does not lower (ONNX Runtime's basic optimisation level keeps the "
-    "projections as MatMul)",
-    "QAttention": "a fused quantised attention kernel xcompile does not lower",
-}
 
 
 def coverage(program: Program) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from xcompile.coverage import CONTROL_FLOW, REASON_KEY, WEIGHT_OPERANDS, Unsuppo
 from xcompile.frontend_einsum import batched, lower_batched
 from xcompile.frontend_mvm import build_mvm, replace_with_mvm
 from xcompile.frontend_quant import INTEGER_KEY, SOURCE_KEY, lower_quantized, subgraphs
-from xcompile.frontend_recurrent import RECURRENT_OPS, build_recurrent
+from xcompile.frontend_recurrent import DYNAMIC_LSTM, RECURRENT_OPS, build_recurrent
 from xcompile import checks
 from xcompile.errors import XCompileError
 from xcompile.ir import CUSTOM_DOMAIN, Layer
@@ -140,7 +140,8 @@ def _extract(graph: ir.Graph, layers: list[Layer], names: set[str]) -> None:
         if node.domain in ("", "ai.onnx") and node.op_type in CONTROL_FLOW:  # both If branches, Loop and Scan bodies
             for body in subgraphs(node):
                 _extract(body, layers, names)
-        if node.domain not in ("", "ai.onnx") or node.op_type not in WEIGHT_OPS + ("Einsum",):
+        dynamic_lstm = node.domain == "com.microsoft" and node.op_type == DYNAMIC_LSTM
+        if not dynamic_lstm and (node.domain not in ("", "ai.onnx") or node.op_type not in WEIGHT_OPS + ("Einsum",)):
             continue
         name = _unique(node.name or f"{node.op_type}_{position}", names)
         if batched(node):
@@ -152,7 +153,7 @@ def _extract(graph: ir.Graph, layers: list[Layer], names: set[str]) -> None:
             if layer is not None:
                 layers.append(layer)
             continue
-        if node.op_type in RECURRENT_OPS:
+        if node.op_type in RECURRENT_OPS or dynamic_lstm:
             try:
                 recurrent_layers, runtime_node = build_recurrent(node, len(layers), name)
             except Unsupported as exc:

@@ -5,6 +5,9 @@ recurrent weights R one layer (GRU without `linear_before_reset`: two, since R_h
 r * h, not h), run once per step. The node becomes one `ai.xcompile::CrossbarRecurrent` node that
 the runtime executes (runtime/recurrent.py): it keeps the ONNX attributes and the digital inputs
 (X, sequence_lens, initial_h, initial_c, peepholes P) and names its layers.
+ONNX Runtime's `DynamicQuantizeLSTM` (what `quantize_dynamic` makes of an LSTM) maps the same way
+with its int8 / uint8 W and R dequantised (per direction, or per gate column) and the runtime
+quantising each product's input as that kernel does (`dynamic_quantize`, runtime/recurrent.py).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from xcompile.coverage import Unsupported
 from xcompile.ir import CUSTOM_DOMAIN, RECURRENT_OP, Layer, frozen_array
 
 RECURRENT_OPS = ("LSTM", "GRU", "RNN")
+DYNAMIC_LSTM = "DynamicQuantizeLSTM"  # com.microsoft
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 ACTIVATIONS = {  # name -> (alpha, beta) it takes, with ONNX's defaults
     "Relu": (), "Tanh": (), "Sigmoid": (), "Softsign": (), "Softplus": (),
@@ -29,10 +33,16 @@ DENSE = {"weight_left": False, "transpose_input": False, "squeeze": False}
 def build_recurrent(node: ir.Node, first_index: int, name: str) -> tuple[list[Layer], ir.Node]:
     """The layers of one recurrent node and the runtime node that replaces it (raises Unsupported)."""
     op = node.op_type
-    inputs = (list(node.inputs) + [None] * 8)[:8]
+    inputs = (list(node.inputs) + [None] * 12)[:12]
     x, w_value, r_value, b_value, seq_lens, initial_h = inputs[:6]
+    quantised = op == DYNAMIC_LSTM
+    if quantised:  # W [dirs, input, 4H] and R [dirs, H, 4H], transposed against the ONNX LSTM's
+        op = "LSTM"
+        w = _dequantised(w_value, inputs[8], inputs[9], "W").transpose(0, 2, 1)
+        r = _dequantised(r_value, inputs[10], inputs[11], "R").transpose(0, 2, 1)
+    else:
+        w, r = _const(w_value, "W"), _const(r_value, "R")
     initial_c, peepholes = (inputs[6], inputs[7]) if op == "LSTM" else (None, None)
-    w, r = _const(w_value, "W"), _const(r_value, "R")
     attrs = {k: v.value for k, v in node.attributes.items()}
     hidden = int(attrs.get("hidden_size", r.shape[-1]))
     gates = GATES[op]
@@ -55,7 +65,7 @@ def build_recurrent(node: ir.Node, first_index: int, name: str) -> tuple[list[La
 
     def add(suffix, matrix, vector, input_name):
         layers.append(Layer(
-            index=first_index + len(layers), name=f"{name}/{suffix}", node_name=node.name or "", op_type=op, kind="dense",
+            index=first_index + len(layers), name=f"{name}/{suffix}", node_name=node.name or "", op_type=node.op_type, kind="dense",
             geometry=dict(DENSE), weight=frozen_array(matrix.T[None], np.float32), bias=frozen_array(vector, np.float32),
             input_name=input_name, output_name=f"{name}/{suffix}", notes={"vectors_per_sample": steps},
         ))
@@ -81,6 +91,8 @@ def build_recurrent(node: ir.Node, first_index: int, name: str) -> tuple[list[La
     }
     if "clip" in attrs:
         runtime_attrs["clip"] = float(attrs["clip"])
+    if quantised:
+        runtime_attrs["dynamic_quantize"] = 1
     runtime = ir.node(
         RECURRENT_OP, [x, seq_lens, initial_h, initial_c, peepholes], runtime_attrs,
         domain=CUSTOM_DOMAIN, name=f"xcompile/{name}", num_outputs=len(node.outputs),
@@ -92,6 +104,20 @@ def _const(value, what: str) -> np.ndarray:
     if value is None or value.const_value is None or value.is_graph_input():
         raise Unsupported(f"{what} ('{value.name if value is not None else ''}') is not a constant; a crossbar needs constant weights")
     return np.asarray(value.const_value.numpy(), dtype=np.float32)
+
+
+def _dequantised(value, scale_value, zero_value, what: str) -> np.ndarray:
+    """(integers - zero point) * scale, per direction or per gate column, as float32."""
+    if value is None or value.const_value is None or value.is_graph_input():
+        raise Unsupported(f"{what} is not a constant; a crossbar needs constant weights")
+    integers = np.asarray(value.const_value.numpy())
+    scale = _const(scale_value, f"{what}_scale")
+    zero = np.zeros_like(scale) if zero_value is None else _const(zero_value, f"{what}_zero_point")
+    if integers.ndim != 3 or scale.shape not in ((integers.shape[0],), (integers.shape[0], integers.shape[2])) or zero.shape != scale.shape:
+        raise Unsupported(f"{what} {list(integers.shape)} with scale {list(scale.shape)} and zero point {list(zero.shape)}: "
+                          "xcompile lowers one scale per direction or per gate column")
+    column = (slice(None), None, None) if scale.ndim == 1 else (slice(None), None, slice(None))
+    return ((integers.astype(np.float32) - zero[column]) * scale[column]).astype(np.float32)
 
 
 def _activations(op: str, attrs: dict, directions: int) -> list[str]:

@@ -143,9 +143,10 @@ def _recurrent_node(node: onnx.NodeProto, what: str, layers: tuple[Layer, ...]) 
     """A CrossbarRecurrent node: attributes of the types and ranges runtime/recurrent.py reads, and
     W / R layers of the shapes its gates need. Returns the layers it runs."""
     attrs = {a.name: a for a in node.attribute}
-    if not set(_RECURRENT_TYPES) <= set(attrs) <= set(_RECURRENT_TYPES) | {"clip"}:
-        fail("graph.onnx", f"{what} ({RECURRENT_OP}) must have exactly the attributes {sorted(_RECURRENT_TYPES)} (and clip)")
-    for name, kind in {**_RECURRENT_TYPES, "clip": onnx.AttributeProto.FLOAT}.items():
+    optional = {"clip": onnx.AttributeProto.FLOAT, "dynamic_quantize": onnx.AttributeProto.INT}
+    if not set(_RECURRENT_TYPES) <= set(attrs) <= set(_RECURRENT_TYPES) | set(optional):
+        fail("graph.onnx", f"{what} ({RECURRENT_OP}) must have exactly the attributes {sorted(_RECURRENT_TYPES)} (and clip, dynamic_quantize)")
+    for name, kind in {**_RECURRENT_TYPES, **optional}.items():
         if name in attrs and attrs[name].type != kind:
             fail("graph.onnx", f"{what} ({RECURRENT_OP}): attribute '{name}' has the wrong type")
     value = {name: helper.get_attribute_value(a) for name, a in attrs.items()}
@@ -169,6 +170,8 @@ def _recurrent_node(node: onnx.NodeProto, what: str, layers: tuple[Layer, ...]) 
         rule = "activation_alpha and activation_beta must be finite"
     elif "clip" in value and not 0 < value["clip"] < math.inf:
         rule = "clip must be a finite number > 0"
+    elif value.get("dynamic_quantize", 0) not in (0, 1) or (value.get("dynamic_quantize") and op != "LSTM"):
+        rule = "dynamic_quantize must be 0 or 1, and 1 only for an LSTM"
     elif not 1 <= len(node.input) <= 5 or not node.input[0] or not 1 <= len(node.output) <= 3:
         rule = "inputs must be X (given), then optionally sequence_lens, initial_h, initial_c, P; and 1 to 3 outputs"
     if rule:
