@@ -149,3 +149,27 @@ def test_recurrent_layers_inside_if_branches_and_an_omitted_output():
     m = model(nodes, [tensor("X", [5, 2, 3]), tensor("c", [], TensorProto.BOOL)], [tensor("y", None)], [w, r], opset=13)
     x = RNG.normal(size=(5, 2, 3)).astype(np.float32)
     _check(m, [{"X": x, "c": np.array(True)}, {"X": x, "c": np.array(False)}], layers=4)
+
+
+def test_layers_inside_model_local_functions_are_mapped():
+    """Exporters (torch's dynamo exporter among them) write model-local functions: they are
+    inlined before extraction, so the MatMuls inside are layers, not a silent skip."""
+    inner = helper.make_function("custom", "Linear", ["x", "w"], ["y"],
+                                 [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Relu", ["m"], ["y"])],
+                                 [helper.make_opsetid("", 17)])
+    outer = helper.make_function("custom", "Block", ["x", "w1", "w2"], ["y"],
+                                 [helper.make_node("Linear", ["x", "w1"], ["h"], domain="custom"),
+                                  helper.make_node("Linear", ["h", "w2"], ["y"], domain="custom")],
+                                 [helper.make_opsetid("", 17), helper.make_opsetid("custom", 1)])
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.normal(size=shape).astype(np.float32), name) for name, shape in (("w1", (6, 8)), ("w2", (8, 3)))]
+    graph = helper.make_graph([helper.make_node("Block", ["x", "w1", "w2"], ["y"], domain="custom", name="block")], "g",
+                              [tensor("x", ["N", 6])], [tensor("y", ["N", 3])], weights)
+    m = helper.make_model(graph, functions=[inner, outer], opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("custom", 1)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mapping = xcompile.compile_model(m, ideal=True, progress=False)
+    assert len(mapping.layers) == 2 and mapping.summary()["coverage"]["fraction_on_crossbars"] == 1.0
+    x = rng.normal(size=(4, 6)).astype(np.float32)
+    expected = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(xcompile.Session(mapping).run(None, {"x": x})[0], expected, rtol=1e-5, atol=1e-6)

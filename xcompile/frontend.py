@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 
 import onnx
+import onnx.inliner
 import onnx.version_converter
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
@@ -108,7 +109,10 @@ def _without_untyped_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def extract_layers(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[Layer], list[str]]:
-    """Fold constants, turn every MVM node into a Layer; return (runtime graph, layers, digital ops)."""
+    """Fold constants, turn every MVM node into a Layer; return (runtime graph, layers, digital ops).
+    Model-local functions are inlined first, so that the layers inside them are seen and mapped."""
+    if model.functions:
+        model = onnx.inliner.inline_local_functions(model)
     model_ir = ir.serde.deserialize_model(model)
     common_passes.RemoveInitializersFromInputsPass()(model_ir)
     common_passes.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=0)(model_ir)
