@@ -16,26 +16,26 @@ from xcompile.cli import main
 
 
 def _half_mapped():
-    """A Gemm (mapped) feeding a MatMul with a batch of matrices that one activation row broadcasts
-    against (left digital: frontend_einsum.py maps a batch only where each matrix has its own rows)."""
+    """A Gemm (mapped) feeding an Einsum that sums an index of the activation alone (left digital:
+    frontend_einsum.py maps products whose activation indices all reach the output)."""
     rng = np.random.default_rng(0)
     w = numpy_helper.from_array(rng.normal(size=(8, 8)).astype(np.float32), "w")
-    batched = numpy_helper.from_array(rng.normal(size=(2, 4, 3)).astype(np.float32), "batched")
+    per_head = numpy_helper.from_array(rng.normal(size=(4, 3)).astype(np.float32), "per_head_w")
     nodes = [
         helper.make_node("Gemm", ["x", "w"], ["h"], name="fc"),
         helper.make_node("Reshape", ["h", "shape"], ["r"]),
-        helper.make_node("MatMul", ["r", "batched"], ["y"], name="per_head"),
+        helper.make_node("Einsum", ["r", "per_head_w"], ["y"], equation="bni,ij->bj", name="per_head"),
     ]
-    shape = numpy_helper.from_array(np.array([-1, 1, 2, 4], np.int64), "shape")
-    return model(nodes, [tensor("x", ["N", 8])], [tensor("y", ["N", 2, 2, 3])], [w, batched, shape])
+    shape = numpy_helper.from_array(np.array([-1, 2, 4], np.int64), "shape")
+    return model(nodes, [tensor("x", ["N", 8])], [tensor("y", ["N", 3])], [w, per_head, shape], opset=13)
 
 
 def test_weights_left_digital_are_named_with_their_reason_and_counted():
-    with pytest.warns(UserWarning, match=r"per_head \(MatMul, 24 weights\): .*size 1 broadcasts against the constant's 2"):
+    with pytest.warns(UserWarning, match=r"per_head \(Einsum, 12 weights\): index 'n' is summed in the activation operand alone"):
         mapping = xcompile.compile_model(_half_mapped(), ideal=True, progress=False)
     info = mapping.summary()["coverage"]
-    assert info["weights_on_crossbars"] == 64 and info["weights_digital"] == 24
-    assert info["fraction_on_crossbars"] == pytest.approx(64 / 88, abs=1e-6)
+    assert info["weights_on_crossbars"] == 64 and info["weights_digital"] == 12
+    assert info["fraction_on_crossbars"] == pytest.approx(64 / 76, abs=1e-6)
     assert [e["node"] for e in info["left_digital"]] == ["per_head"]
     x = np.random.default_rng(1).normal(size=(3, 8)).astype(np.float32)
     import onnxruntime as ort
@@ -69,10 +69,10 @@ def test_compile_line_and_inspect_report_coverage(tmp_path, capsys):
     onnx.save(_half_mapped(), tmp_path / "half.onnx")
     assert main(["compile", str(tmp_path / "half.onnx"), "-o", str(tmp_path / "m.bin"), "--ideal"]) == 0
     captured = capsys.readouterr()
-    assert "72.7% of weights on crossbars, 1 weight-bearing op(s) left digital" in captured.out
+    assert "84.2% of weights on crossbars, 1 weight-bearing op(s) left digital" in captured.out
     assert "warning" in captured.err and "per_head" in captured.err
     assert main(["inspect", str(tmp_path / "m.bin")]) == 0
-    assert "LEFT DIGITAL per_head (MatMul, 24 weights)" in capsys.readouterr().out
+    assert "LEFT DIGITAL per_head (Einsum, 12 weights)" in capsys.readouterr().out
     assert main(["compile", str(tmp_path / "half.onnx"), "-o", str(tmp_path / "s.bin"), "--strict"]) == 2
     assert not (tmp_path / "s.bin").exists()
 

@@ -9,10 +9,10 @@ The indices only x has (in y, not in W) number the input vectors. The node becom
 with the layer's weight per group [G, K, N]: a block-diagonal (grouped) dense layer, so the
 zeros between the G matrices never take a tile. The sums are the einsum's own, so ideal mode
 equals ONNX Runtime. A MatMul whose constant operand has more than two dimensions is the einsum
-of its broadcast ("bmk,bkn->bmn"); a batch dimension of x that is missing shares nothing (its
-index is an output index of W), one whose size is not known is refused. Refused, with the reason
-(the node stays on ONNX Runtime): repeated indices in one operand, indices summed in x alone,
-'...' in the constant operand.
+of its broadcast ("bmk,bkn->bmn"): a batch dimension of x that is missing shares nothing (its index
+is an output index of W), one of size 1 on either side broadcasts, one whose size is not known is
+refused. Refused, with the reason (the node stays on ONNX Runtime): repeated indices in one
+operand, indices summed in x alone (but for size 1), '...' in the constant operand.
 """
 
 from __future__ import annotations
@@ -56,9 +56,11 @@ def lower_batched(graph: ir.Graph, node: ir.Node, index: int, name: str) -> Laye
     shared = [c for c in w_terms if c in x_terms and c in output]
     contracted = [c for c in w_terms if c in x_terms and c not in output]
     produced = [c for c in w_terms if c not in x_terms]
-    vectors = [c for c in x_terms if c not in w_terms]
-    if any(c not in output for c in vectors):
-        raise Unsupported(f"index '{next(c for c in vectors if c not in output)}' is summed in the activation operand alone")
+    x_dims = list(x.shape) if x.shape is not None else [None] * len(x_terms)
+    ones = [c for c in x_terms if c not in w_terms and c not in output]  # summed alone: only a size 1 (a broadcast) is
+    if any(x_dims[x_terms.index(c)] != 1 for c in ones):
+        raise Unsupported(f"index '{next(c for c in ones if x_dims[x_terms.index(c)] != 1)}' is summed in the activation operand alone")
+    vectors = [c for c in x_terms if c not in w_terms and c in output]
     size = dict(zip(w_terms, weight.shape))
     for c, dim in zip(x_terms, x.shape or ()):
         if c in size and isinstance(dim, int) and dim != size[c]:
@@ -82,7 +84,7 @@ def lower_batched(graph: ir.Graph, node: ir.Node, index: int, name: str) -> Laye
         graph.register_initializer(made)
         return made
 
-    order = vectors + shared + contracted
+    order = ones + vectors + shared + contracted
     moved = add("Transpose", [x], {"perm": [x_terms.index(c) for c in order]}, "inputs_vgk")
     rows = add("Reshape", [moved, const("rows_shape", np.array([-1, groups * k], np.int64))], label="rows")
     mvm = ir.node(MVM_OP, [rows], {"layer": index}, domain=CUSTOM_DOMAIN, name=f"xcompile/{name}")
@@ -90,7 +92,7 @@ def lower_batched(graph: ir.Graph, node: ir.Node, index: int, name: str) -> Laye
     nodes.append(mvm)
     tail = np.array([size[c] for c in shared + produced], np.int64)
     if vectors:
-        leading = add("Gather", [add("Shape", [moved], label="input_shape"), const("vector_axes", np.arange(len(vectors), dtype=np.int64))], label="vector_shape")
+        leading = add("Gather", [add("Shape", [moved], label="input_shape"), const("vector_axes", len(ones) + np.arange(len(vectors), dtype=np.int64))], label="vector_shape")
         shape = add("Concat", [leading, const("output_tail", tail)], {"axis": 0}, "output_shape")
     else:
         shape = const("output_shape", tail)
@@ -144,13 +146,18 @@ def _matmul_equation(x: ir.Value, weight: np.ndarray, w_position: int) -> tuple[
     letters = iter(string.ascii_letters)
     batch_letters = [next(letters) for _ in range(batch)]
     row, inner, column = next(letters), next(letters), next(letters)
-    w_batch, x_batch = batch_letters[batch - (weight.ndim - 2):], batch_letters[batch - (len(x_dims) - 2):]
+    w_batch, x_batch = batch_letters[batch - (weight.ndim - 2):], batch_letters[batch - (len(x_dims) - 2):]  # lists: a broadcast gets its own letter
     common = min(len(x_batch), len(w_batch))
-    for c, dim, w_dim in zip(x_batch[len(x_batch) - common:], x_dims[len(x_dims) - 2 - common : -2], weight.shape[weight.ndim - 2 - common : -2]):
-        if not isinstance(dim, int):
+    for offset in range(1, common + 1):  # aligned batch dimensions; a size 1 broadcasts: its own letter, summed alone
+        c, dim, w_dim = x_batch[-offset], x_dims[-2 - offset], weight.shape[-2 - offset]
+        if w_dim == 1 and dim != 1:
+            w_batch[-offset] = next(letters)
+        elif dim == 1 and w_dim != 1:
+            x_batch[-offset] = next(letters)
+        elif not isinstance(dim, int):
             raise Unsupported(f"the activation's batch dimension '{c}' has no known size; the constant operand's is {w_dim}")
-        if dim != w_dim:
-            raise Unsupported(f"the activation's batch dimension of size {dim} broadcasts against the constant's {w_dim}")
+        elif dim != w_dim:
+            raise Unsupported(f"the activation's batch dimension of size {dim} does not broadcast against the constant's {w_dim}")
     if w_position == 1:  # x[..., m, k] @ W[..., k, n]
         terms = ["".join(x_batch) + row + inner, "".join(w_batch) + inner + column]
     else:  # W[..., m, k] @ x[..., k, n]
