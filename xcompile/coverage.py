@@ -29,6 +29,7 @@ WEIGHT_OPERANDS: dict[tuple[str, str], tuple[int, ...]] = {
         "DynamicQuantizeMatMul": (1,), "MatMulIntegerToFloat": (0, 1), "QGemm": (0, 3), "FusedConv": (1,),
         "FusedMatMul": (0, 1), "DynamicQuantizeLSTM": (1, 2), "Attention": (1,), "QAttention": (1,),
         "QLinearConv": (3,), "NhwcConv": (1,), "QLinearMatMul": (0, 3), "FusedGemm": (0, 1),
+        "GemmFastGelu": (1,), "MatMulNBits": (1,), "MatMulBnb4": (1,), "DecoderAttention": (4,),
     }.items()},
 }
 CONTROL_FLOW = ("If", "Loop", "Scan")
