@@ -3,6 +3,7 @@ digital, and ideal mode equals ONNX Runtime exactly (integer outputs bit for bit
 
 from __future__ import annotations
 
+import shutil
 import warnings
 from pathlib import Path
 
@@ -102,6 +103,7 @@ def _quantized(source: Path, kind: str, folder: Path, shape=(4, 1, 8, 8)) -> Pat
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
     target = folder / f"{source.stem}_{kind}.onnx"
+    source = _private_copy(source, folder)
     name = onnx.load(source).graph.input[0].name
     if kind == "dynamic":
         quantize_dynamic(source, target, weight_type=QuantType.QInt8)
@@ -111,6 +113,15 @@ def _quantized(source: Path, kind: str, folder: Path, shape=(4, 1, 8, 8)) -> Pat
             per_channel=kind == "qdq_per_channel",
         )
     return target
+
+
+def _private_copy(source: Path, folder: Path) -> Path:
+    """The model copied into the test's own folder: ONNX Runtime's quantisers write a temporary
+    '<model>-inferred.onnx' beside their input, which races between parallel test workers."""
+    copy = folder / f"source_{source.name}"
+    if not copy.exists():
+        shutil.copyfile(source, copy)
+    return copy
 
 
 def _optimized(path: Path, folder: Path) -> Path:
@@ -208,7 +219,7 @@ def test_dynamic_quantize_lstm_maps_and_equals_onnxruntime_on_one_thread(source,
     own outputs change with its thread count; with one thread (and with a batch of one) they are ours."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(Path(__file__).parent / "data" / f"{source}.onnx", tmp_path / "q.onnx", weight_type=QuantType.QInt8)
+    quantize_dynamic(_private_copy(Path(__file__).parent / "data" / f"{source}.onnx", tmp_path), tmp_path / "q.onnx", weight_type=QuantType.QInt8)
     m = onnx.load(tmp_path / "q.onnx")
     assert "DynamicQuantizeLSTM" in {n.op_type for n in m.graph.node}
     mapping, caught = _compiled(m, ideal=True)
