@@ -190,7 +190,7 @@ class _LayerRunner:
     def run(self, x) -> np.ndarray:
         layer, geometry = self.layer, self.layer.geometry
         x = np.asarray(x)
-        dtype = x.dtype if np.issubdtype(x.dtype, np.floating) else np.float32
+        dtype = x.dtype if np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer) else np.float32
         where = f"node '{layer.node_name or layer.name}' ({layer.op_type})"
         if x.ndim < (3 if layer.kind != "dense" else 1):
             raise XCompileError(f"{where}: its input has shape {list(x.shape)}, too few dimensions")
@@ -218,6 +218,8 @@ class _LayerRunner:
             y = digital.col2im(cols, x.shape[0], x.shape[2:], geometry, geometry["channels_out"])
             if layer.bias is not None:
                 y = y + layer.bias.reshape((1, -1) + (1,) * geometry["rank"])
+        if np.issubdtype(dtype, np.integer):  # an integer MatMul / Einsum: ONNX's output type is its input's
+            y = np.rint(y)
         return np.require(y, dtype, "C")  # ascontiguousarray would make a 0-d result 1-d
 
 

@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 import onnxruntime as ort
 import pytest
-from onnx import helper, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 import xcompile
 from builders import model, tensor
@@ -95,3 +95,27 @@ def test_what_cannot_map_is_named_and_stays_exact_on_onnxruntime(equation, x_sha
         x = _input(["N", 3, 2, 4])
     expected = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_allclose(xcompile.Session(mapping).run(None, {"x": x})[0], expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("equation", [None, "bi,ij->bj"])
+def test_integer_products_keep_their_integer_type_and_values(equation):
+    """ONNX's MatMul / Einsum of int32 operands give int32: so does the crossbar layer (ideal)."""
+    rng = np.random.default_rng(7)
+    w = numpy_helper.from_array(rng.integers(-9, 9, size=(4, 3)).astype(np.int32), "w")
+    node = helper.make_node("MatMul", ["x", "w"], ["y"]) if equation is None else helper.make_node("Einsum", ["x", "w"], ["y"], equation=equation)
+    m = model([node], [tensor("x", ["N", 4], TensorProto.INT32)], [tensor("y", ["N", 3], TensorProto.INT32)], [w], opset=13)
+    x = rng.integers(-9, 9, size=(5, 4)).astype(np.int32)
+    mapping = xcompile.compile_model(m, ideal=True, progress=False)
+    assert len(mapping.layers) == 1
+    expected = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    got = xcompile.Session(mapping).run(None, {"x": x})[0]
+    assert got.dtype == expected.dtype == np.int32
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_a_crafted_rank_beyond_the_letters_is_refused_by_name():
+    w = numpy_helper.from_array(np.ones((1,) * 58 + (4, 3), np.float32), "w")
+    m = model([helper.make_node("MatMul", ["x", "w"], ["y"], name="deep")], [tensor("x", ["N", 4])], [tensor("y", None)], [w], opset=13)
+    with pytest.warns(UserWarning, match=r"deep \(MatMul, 12 weights\): the operands have 58 batch dimensions"):
+        mapping = xcompile.compile_model(m, ideal=True, progress=False, allow_empty=True)
+    assert mapping.layers == ()

@@ -23,6 +23,7 @@ import numpy as np
 import onnx_ir as ir
 
 from xcompile.coverage import Unsupported
+from xcompile.frontend_mvm import constant_of as _const
 from xcompile.ir import CUSTOM_DOMAIN, MVM_OP, Layer, frozen_array
 
 
@@ -143,6 +144,8 @@ def _matmul_equation(x: ir.Value, weight: np.ndarray, w_position: int) -> tuple[
         raise Unsupported(f"the constant operand has shape {list(weight.shape)}, a batch of matrices, and the activation's rank is not known or below 2")
     x_dims = list(x.shape)
     batch = max(len(x_dims), weight.ndim) - 2
+    if 2 * batch + 3 > len(string.ascii_letters):  # a letter per batch dimension, a fresh one per broadcast
+        raise Unsupported(f"the operands have {batch} batch dimensions; xcompile maps up to {(len(string.ascii_letters) - 3) // 2}")
     letters = iter(string.ascii_letters)
     batch_letters = [next(letters) for _ in range(batch)]
     row, inner, column = next(letters), next(letters), next(letters)
@@ -169,9 +172,3 @@ def _summed(weight: np.ndarray, terms: str, kept: set) -> np.ndarray:
     """The constant with the indices nobody else reads summed out (einsum sums them first)."""
     axes = tuple(i for i, c in enumerate(terms) if c not in kept)
     return weight.sum(axis=axes) if axes else weight
-
-
-def _const(value: ir.Value | None) -> np.ndarray | None:
-    if value is None or value.const_value is None or value.is_graph_input():
-        return None
-    return np.asarray(value.const_value.numpy())

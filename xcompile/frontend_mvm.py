@@ -28,19 +28,19 @@ def build_mvm(node: ir.Node, index: int, name: str) -> tuple[Layer, tuple | None
     inputs = list(node.inputs) + [None] * 3
     if op in ("Conv", "ConvTranspose"):
         x, w, b = inputs[:3]
-        weight = _const(w)
+        weight = constant_of(w)
         if weight is None:
             raise Unsupported(f"the weight input '{_vname(w)}' is not a constant; a crossbar needs constant weights")
         bias = None
         if b is not None:
-            bias = _const(b)
+            bias = constant_of(b)
             if bias is None:
                 raise Unsupported(f"the bias input '{_vname(b)}' is not a constant")
         matrix, geometry, bias = _conv_layer(node, where, weight, bias, _static_shape(x))
         return _layer(index, name, node, "conv" if op == "Conv" else "conv_transpose", geometry, matrix, bias, x), None
     if op == "MatMul":
         a, b = inputs[:2]
-        wa, wb = _const(a), _const(b)
+        wa, wb = constant_of(a), constant_of(b)
         if wb is not None and wa is None:
             return _dense_from_matmul(node, index, name, wb, a, weight_left=False), None
         if wa is not None and wb is None:
@@ -51,7 +51,7 @@ def build_mvm(node: ir.Node, index: int, name: str) -> tuple[Layer, tuple | None
     alpha = _attr(node, "alpha", 1.0)
     beta = _attr(node, "beta", 1.0)
     trans_a, trans_b = bool(_attr(node, "transA", 0)), bool(_attr(node, "transB", 0))
-    wa, wb = _const(a), _const(b)
+    wa, wb = constant_of(a), constant_of(b)
     if wb is not None and wa is None:
         weight = (wb.T if trans_b else wb) * np.float32(alpha)
         geometry = {"weight_left": False, "transpose_input": trans_a, "squeeze": False}
@@ -67,7 +67,7 @@ def build_mvm(node: ir.Node, index: int, name: str) -> tuple[Layer, tuple | None
         raise Unsupported(f"Gemm operands must be 2-D, the constant one has shape {list(weight.shape)}")
     bias, digital_bias = None, None
     if c is not None:
-        cval = _const(c)
+        cval = constant_of(c)
         n_out = weight.shape[1]
         if cval is not None and not geometry["weight_left"] and cval.size in (1, n_out) and cval.ndim <= 2 and (cval.ndim < 2 or cval.shape[0] == 1):
             if beta != 0:  # beta 0: C is not read (ONNX Runtime: a NaN in it stays out of Y)
@@ -205,7 +205,8 @@ def replace_with_mvm(graph: ir.Graph, node: ir.Node, layer: Layer, digital_bias)
     ir.convenience.replace_nodes_and_values(graph, node, [node], new_nodes, [node.outputs[0]], [result])
 
 
-def _const(value: ir.Value | None) -> np.ndarray | None:
+def constant_of(value: ir.Value | None) -> np.ndarray | None:
+    """The value of a constant operand (initializer or folded), None for an activation."""
     if value is None or value.const_value is None or value.is_graph_input():
         return None
     return np.asarray(value.const_value.numpy())

@@ -26,6 +26,7 @@ import numpy as np
 import onnx_ir as ir
 
 from xcompile.coverage import PROJECTED_KEY, REASON_KEY, WEIGHT_OPERANDS, Unsupported
+from xcompile.frontend_mvm import constant_of as _const
 
 SOURCE_KEY = "xcompile.source_op"  # on the lowered MatMul / Conv: the op it came from
 INTEGER_KEY = "xcompile.integer_weights"  # "1" when its weights are the model's integers
@@ -122,12 +123,6 @@ def _from_constants(value: ir.Value | None) -> bool:
 
 def _inputs(node: ir.Node, count: int) -> list:
     return (list(node.inputs) + [None] * count)[:count]
-
-
-def _const(value: ir.Value | None) -> np.ndarray | None:
-    if value is None or value.const_value is None or value.is_graph_input():
-        return None
-    return np.asarray(value.const_value.numpy())
 
 
 def _weight(value, what: str = "weight") -> np.ndarray:
@@ -352,6 +347,8 @@ def _attention(graph, node):
 
 def _qattention(graph, node):
     x, w, bias, x_scale, w_scale, mask, x_zero, w_zero, past = _inputs(node, 9)
+    if x_scale is None or bias is None:
+        raise Unsupported("QAttention without its input scale or bias is not one xcompile lowers")
     weight = _matmul_weight(_weight(w), _zero(w_zero))
     b = _Builder(graph, node)
     w_scale_value = _per_column(_scale(w_scale, "weight scale"), weight.shape[1], "weight scale").astype(np.float32)
