@@ -36,8 +36,8 @@ SHAPES = {"mobilenet": (3, 224, 224), "detector": (3, 640, 640), "encoder": (128
 NON_IDEAL = {"dac_bits": 8, "adc_bits": 8, "variation": "lognormal", "sigma": 0.05, "r_wire": 1.0}
 TRIAL_IMAGES, TRIAL_BATCH = 100, 10
 # ONNX Runtime's pool threads spin for a while after a run; without a pause the session timed next
-# shares the cores with them (measured: the fused ideal ResNet-50 graph 2.2x ORT right after an ORT
-# run, 1.0x on its own)
+# shares the cores with them (this benchmark's --quick ResNet-50 ideal ratio: 2.22x without the
+# pause, 1.06x with it)
 SETTLE = 0.05
 
 
