@@ -9,7 +9,8 @@ saturation on x86 CPUs without VNNI, off the ONNX specification (docs/coverage.m
 
 Models: the shipped digits CNN / MLP and the torch-exported transformer encoder, each as float and
 quantised by onnxruntime.quantization (quantize_dynamic; quantize_static QDQ, per-channel QDQ and
-QOperator), each also as ONNX Runtime's extended optimiser writes it; and tests/data's tiny torch
+QOperator; MatMulNBits 4- and 8-bit, blocks of 16, where there are MatMuls), each also as ONNX
+Runtime's extended optimiser writes it; and tests/data's tiny torch
 LSTM / GRU / RNN models.
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import tempfile
 import warnings
 from pathlib import Path
@@ -25,6 +27,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
 import xcompile
 
@@ -56,6 +59,13 @@ def _variants(folder: Path):
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # it prints tensors
                 quantize_static(path, target, _Reader(input_name, shape), quant_format=fmt, per_channel=per_channel)
             yield f"{name} static {label}", target, shape
+        for bits in (4, 8):  # weight-only, blockwise: what ONNX Runtime's quantiser writes for language models
+            quantiser = MatMulNBitsQuantizer(onnx.load(path), bits=bits, block_size=16)
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                quantiser.process()
+            if any(node.op_type == "MatMulNBits" for node in quantiser.model.model.graph.node):
+                onnx.save(quantiser.model.model, folder / f"{name}_nbits{bits}.onnx")
+                yield f"{name} MatMulNBits {bits}-bit", folder / f"{name}_nbits{bits}.onnx", shape
     for path in sorted((ROOT / "tests" / "data").glob("torch_*.onnx")):
         if "transformer" not in path.name:
             yield path.stem, path, None
@@ -79,6 +89,7 @@ def _feeds(model: onnx.ModelProto, shape) -> dict:
 
 
 def main() -> None:
+    logging.disable(logging.WARNING)  # ONNX Runtime's quantisers log to the root logger, its weight-only one from INFO up
     print(f"{'model':<54} {'layers':>6} {'on crossbars':>13} {'left digital':>13} {'max rel. error vs ORT':>22}  ORT integer GEMMs")
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)

@@ -83,18 +83,44 @@ def test_groups_take_only_their_own_tiles_and_see_only_their_own_inputs():
     ("bni,ij->bj", ["N", 5, 4], [4, 3], ["N", 3], False, "index 'n' is summed in the activation operand alone"),
     ("ii,ij->ij", [4, 4], [4, 3], [4, 3], False, "an index repeats within one operand"),
     ("bk,...kn->b...n", ["N", 4], [2, 4, 3], ["N", 2, 3], False, "'...' in the constant operand"),
-    (None, ["N", "H", 2, 4], [3, 4, 5], ["N", 3, 2, 5], False, "batch dimension 'b' has no known size"),
 ])
 def test_what_cannot_map_is_named_and_stays_exact_on_onnxruntime(equation, x_shape, w_shape, y_shape, weight_first, reason):
     m = _model(equation, x_shape, w_shape, y_shape, weight_first)
     with pytest.warns(UserWarning, match=reason):
         mapping = xcompile.compile_model(m, ideal=True, progress=False, allow_empty=True)
     assert mapping.layers == ()
-    x = _input([2 if d in ("H",) else d for d in x_shape])
-    if equation is None and x_shape[1] == "H":
-        x = _input(["N", 3, 2, 4])
+    x = _input(x_shape)
     expected = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_allclose(xcompile.Session(mapping).run(None, {"x": x})[0], expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("equation, x_shape, w_shape, y_shape", [
+    (None, ["N", "H", 2, 4], [3, 4, 5], ["N", 3, 2, 5]),  # MatMul: H of 1 broadcasts, H of 3 pairs
+    ("bmk,bkn->bmn", ["B", "M", 6], [4, 6, 5], ["B", "M", 5]),
+])
+def test_a_batch_of_unknown_size_against_a_batch_of_matrices_follows_onnx(equation, x_shape, w_shape, y_shape):
+    """The graph does not say whether the activation's batch is 1 (broadcast) or B (pairs); both
+    run as ONNX Runtime runs them, and a size that is neither fails as it fails there."""
+    m = _model(equation, x_shape, w_shape, y_shape, False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mapping = xcompile.compile_model(m, ideal=True, progress=False)
+    assert mapping.summary()["coverage"]["fraction_on_crossbars"] == 1.0
+    reference = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    sizes = [1, w_shape[0]] if equation is None else [w_shape[0]]
+    for size in sizes:
+        x = _input([size if d in ("H", "B") else d for d in x_shape])
+        expected = reference.run(None, {"x": x})[0]
+        for fused in (True, False):
+            session = xcompile.Session(mapping)
+            session._fused = fused
+            got = session.run(None, {"x": x})[0]
+            assert got.shape == expected.shape and np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
+    x = _input([2 if d in ("H", "B") else d for d in x_shape])
+    with pytest.raises(Exception):
+        reference.run(None, {"x": x})
+    with pytest.raises(xcompile.XCompileError):
+        xcompile.Session(mapping).run(None, {"x": x})
 
 
 @pytest.mark.parametrize("equation", [None, "bi,ij->bj"])

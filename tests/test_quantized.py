@@ -294,6 +294,17 @@ def test_onnxruntime_attention_projects_its_input_on_crossbars(mask, unidirectio
     assert loaded.summary()["coverage"]["left_digital"] == []
 
 
+def test_a_projected_mark_on_an_attention_with_real_weights_does_not_hide_them():
+    """The mark that keeps xcompile's identity Attention out of the report is believed only with the
+    identity (tested with its own identity above, also after save and load): an Attention marked so
+    with model weights is still reported as left digital."""
+    from xcompile.coverage import PROJECTED_KEY, left_digital
+
+    m, _, hidden_in, width = _attention_model(False)
+    m.graph.node[0].metadata_props.add(key=PROJECTED_KEY, value="1")
+    assert [(entry["op_type"], entry["weights"]) for entry in left_digital(m.graph)] == [("com.microsoft::Attention", hidden_in * width)]
+
+
 @pytest.mark.parametrize("mask", [False, True])
 def test_quantize_dynamic_attention_maps_its_integer_projection(mask, tmp_path):
     """quantize_dynamic turns the Attention into DynamicQuantizeLinear + QAttention: the int8

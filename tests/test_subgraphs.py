@@ -8,6 +8,7 @@ import warnings
 import numpy as np
 import onnxruntime as ort
 import pytest
+from hypothesis import given, settings, strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 import xcompile
@@ -173,3 +174,78 @@ def test_layers_inside_model_local_functions_are_mapped():
     x = rng.normal(size=(4, 6)).astype(np.float32)
     expected = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_allclose(xcompile.Session(mapping).run(None, {"x": x})[0], expected, rtol=1e-5, atol=1e-6)
+
+
+class _Nested:
+    """Random control flow (If, Loop, Scan, nested) around dense layers that map [B, D] -> [B, D];
+    each body's weights drawn either into the body or from an enclosing graph."""
+
+    def __init__(self, draw, width: int):
+        self.draw, self.width, self.count, self.layers = draw, width, 0, 0
+
+    def name(self, stem: str) -> str:
+        self.count += 1
+        return f"{stem}{self.count}"
+
+    def block(self, source: str, depth: int, outer: list) -> tuple[list, list, str]:
+        """Nodes computing a new [B, D] value from `source`; initializers local to this graph; the output name."""
+        kinds = ["dense", "gemm"] + (["if", "loop", "scan"] if depth < 2 else [])
+        kind = self.draw(st.sampled_from(kinds))
+        out = self.name("h")
+        if kind in ("dense", "gemm"):
+            self.layers += 1
+            weight = _init(self.name("w"), (self.width, self.width))
+            local = [] if self.draw(st.booleans()) else [weight]
+            outer.extend([weight] if not local else [])
+            if kind == "dense":
+                return [helper.make_node("MatMul", [source, weight.name], [out], name=self.name("fc"))], local, out
+            bias = _init(self.name("b"), (self.width,))
+            local.append(bias)
+            return [helper.make_node("Gemm", [source, weight.name, bias.name], [out], transB=1, name=self.name("gemm"))], local, out
+        if kind == "if":
+            total, positive = self.name("sum"), self.name("positive")
+            branches = []
+            for label in ("then", "else"):
+                nodes, local, result = self.block(source, depth + 1, outer)
+                nodes.append(helper.make_node("Tanh", [result], [self.name(label)]))
+                branches.append(helper.make_graph(nodes, label, [], [tensor(nodes[-1].output[0], None)], local))
+            zero = numpy_helper.from_array(np.array(0, np.float32), self.name("zero"))
+            return [
+                helper.make_node("ReduceSum", [source], [total], keepdims=0),
+                helper.make_node("Greater", [total, zero.name], [positive]),
+                helper.make_node("If", [positive], [out], then_branch=branches[0], else_branch=branches[1], name=self.name("if")),
+            ], [zero], out
+        state, cond_in, cond_out = self.name("state"), self.name("cond_in"), self.name("cond_out")
+        nodes, local, result = self.block(state, depth + 1, outer)
+        nodes.append(helper.make_node("Tanh", [result], [self.name("next")]))
+        if kind == "loop":
+            nodes.append(helper.make_node("Identity", [cond_in], [cond_out]))
+            body = helper.make_graph(
+                nodes, "loop_body", [tensor(self.name("i"), [], TensorProto.INT64), tensor(cond_in, [], TensorProto.BOOL), tensor(state, None)],
+                [tensor(cond_out, [], TensorProto.BOOL), tensor(nodes[-2].output[0], None)], local,
+            )
+            trips = numpy_helper.from_array(np.array(self.draw(st.integers(0, 3)), np.int64), self.name("trips"))
+            return [helper.make_node("Loop", [trips.name, "", source], [out], body=body, name=self.name("loop"))], [trips], out
+        step, step_out = self.name("x_t"), self.name("y_t")
+        nodes.insert(0, helper.make_node("Add", [self.name("in_state"), step], [state]))
+        nodes.append(helper.make_node("Identity", [nodes[-1].output[0]], [step_out]))
+        body = helper.make_graph(
+            nodes, "scan_body", [tensor(nodes[0].input[0], [None, self.width]), tensor(step, [None, self.width])],
+            [tensor(nodes[-2].output[0], [None, self.width]), tensor(step_out, [None, self.width])], local,
+        )
+        reverse = self.draw(st.integers(0, 1))
+        return [helper.make_node("Scan", [source, "xs"], [out, self.name("ys")], body=body, num_scan_inputs=1,
+                                 scan_input_directions=[reverse], name=self.name("scan"))], [], out
+
+
+@settings(max_examples=30, deadline=None)
+@given(data=st.data(), width=st.integers(1, 4), batch=st.integers(1, 3), steps=st.integers(1, 3), seed=st.integers(0, 2**16))
+def test_random_nested_control_flow_with_layers_inside_equals_onnxruntime(data, width, batch, steps, seed):
+    nested = _Nested(data.draw, width)
+    outer: list = []
+    nodes, local, result = nested.block("x", 0, outer)
+    nodes.append(helper.make_node("Identity", [result], ["y"]))
+    m = model(nodes, [tensor("x", ["B", width]), tensor("xs", [steps, "B", width])], [tensor("y", None)], local + outer, opset=13)
+    rng = np.random.default_rng(seed)
+    feeds = {"x": rng.normal(size=(batch, width)).astype(np.float32), "xs": rng.normal(size=(steps, batch, width)).astype(np.float32)}
+    _check(m, [feeds, {**feeds, "x": -feeds["x"]}], layers=nested.layers)

@@ -10,8 +10,10 @@ with the layer's weight per group [G, K, N]: a block-diagonal (grouped) dense la
 zeros between the G matrices never take a tile. The sums are the einsum's own, so ideal mode
 equals ONNX Runtime. A MatMul whose constant operand has more than two dimensions is the einsum
 of its broadcast ("bmk,bkn->bmn"): a batch dimension of x that is missing shares nothing (its index
-is an output index of W), one of size 1 on either side broadcasts, one whose size is not known is
-refused. Refused, with the reason (the node stays on ONNX Runtime): repeated indices in one
+is an output index of W), one of size 1 on either side broadcasts. Where x's size of a shared index
+is not known, an Expand to the constant's size comes first: a 1 then broadcasts as ONNX says, an
+equal size passes, and any other fails in ONNX Runtime as the original node would (never a wrong
+grouping by the Reshape). Refused, with the reason (the node stays on ONNX Runtime): repeated indices in one
 operand, indices summed in x alone (but for size 1), '...' in the constant operand.
 """
 
@@ -85,6 +87,10 @@ def lower_batched(graph: ir.Graph, node: ir.Node, index: int, name: str) -> Laye
         graph.register_initializer(made)
         return made
 
+    unknown = [c for c in shared if not isinstance(x_dims[x_terms.index(c)], int)]
+    if unknown:  # 1 broadcasts, the constant's size passes, anything else fails as the original node would
+        target = np.array([size[c] if c in unknown else 1 for c in x_terms], np.int64)
+        x = add("Expand", [x, const("expanded_shape", target)], label="expanded")
     order = ones + vectors + shared + contracted
     moved = add("Transpose", [x], {"perm": [x_terms.index(c) for c in order]}, "inputs_vgk")
     rows = add("Reshape", [moved, const("rows_shape", np.array([-1, groups * k], np.int64))], label="rows")
@@ -157,9 +163,7 @@ def _matmul_equation(x: ir.Value, weight: np.ndarray, w_position: int) -> tuple[
             w_batch[-offset] = next(letters)
         elif dim == 1 and w_dim != 1:
             x_batch[-offset] = next(letters)
-        elif not isinstance(dim, int):
-            raise Unsupported(f"the activation's batch dimension '{c}' has no known size; the constant operand's is {w_dim}")
-        elif dim != w_dim:
+        elif isinstance(dim, int) and dim != w_dim:
             raise Unsupported(f"the activation's batch dimension of size {dim} does not broadcast against the constant's {w_dim}")
     if w_position == 1:  # x[..., m, k] @ W[..., k, n]
         terms = ["".join(x_batch) + row + inner, "".join(w_batch) + inner + column]

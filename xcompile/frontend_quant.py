@@ -18,6 +18,9 @@ projection `input @ weights` becomes a MatMul (a crossbar layer) and the Attenti
 identity weights, through which a float value passes unchanged (x * 1 + 0 * ...), so
 `Attention(input @ W, I, bias, ...)` is the original node, with every option it has. Its int8
 `QAttention` becomes the integer MVM of its projection, dequantised, and the same float Attention.
+`MatMulNBits` (2-, 4- or 8-bit weights with a scale and zero point per block of `block_size` along
+K) becomes a float MatMul with the weights dequantised as ONNX Runtime dequantises them: one cell
+level cannot hold a scale that changes along a column, so the quantise pass maps the floats.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ MS = "com.microsoft"
 QUANTISED = {
     ("", "MatMulInteger"), ("", "ConvInteger"), ("", "QLinearMatMul"), ("", "QLinearConv"),
     (MS, "QGemm"), (MS, "MatMulIntegerToFloat"), (MS, "DynamicQuantizeMatMul"), (MS, "FusedConv"), (MS, "FusedMatMul"),
-    (MS, "FusedGemm"), (MS, "Attention"), (MS, "QAttention"),
+    (MS, "FusedGemm"), (MS, "Attention"), (MS, "QAttention"), (MS, "MatMulNBits"),
 }
 _ACTIVATIONS = {"Relu": (), "Tanh": (), "Sigmoid": (), "LeakyRelu": ("alpha",), "HardSigmoid": ("alpha", "beta")}
 
@@ -370,9 +373,48 @@ def _projected_attention(b: "_Builder", node, qkv: ir.Value, width: int, rest: l
     return list(attention.outputs)
 
 
+def _matmul_nbits(graph, node):
+    a, packed, scales, zeros, g_idx, bias = _inputs(node, 6)
+    attrs = {k: v.value for k, v in node.attributes.items()}
+    k, n, bits, block = (int(attrs.get(key, 0)) for key in ("K", "N", "bits", "block_size"))
+    if g_idx is not None:
+        raise Unsupported("a g_idx input (act-order) is not lowered")
+    if a.dtype is not None and a.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16):
+        raise Unsupported(f"input A is {a.dtype.name}; MatMulNBits takes float or float16")
+    if bits not in (2, 4, 8) or block < 1 or k < 1 or n < 1:
+        raise Unsupported(f"bits {bits}, block_size {block}, K {k}, N {n}: xcompile lowers 2, 4 or 8 bits in blocks along K")
+    blocks = -(-k // block)
+    q = _weight(packed)
+    scale = _weight(scales, "scales")
+    if q.dtype != np.uint8 or q.shape != (n, blocks, block * bits // 8) or scale.size != n * blocks or scale.dtype not in (np.float32, np.float16):
+        raise Unsupported(f"B {q.dtype} {list(q.shape)} and scales {scale.dtype} {list(scale.shape)} do not hold N x ceil(K / block_size) = {n} x {blocks} blocks of {bits}-bit weights")
+    scale = scale.reshape(n, blocks)
+    if zeros is None:
+        zero = np.full((n, blocks), 2 ** (bits - 1), np.float32)
+    else:
+        zero = _zero(zeros)
+        if zero.dtype == np.uint8 and zero.size == n * (-(-blocks * bits // 8)):
+            zero = _unpacked(zero.reshape(n, -1), bits)[:, :blocks].astype(np.float32)
+        elif zero.dtype == scale.dtype and zero.size == n * blocks:
+            zero = zero.reshape(n, blocks).astype(np.float32)
+        else:
+            raise Unsupported(f"zero points {zero.dtype} {list(zero.shape)} are neither packed {bits}-bit nor one per block in the scales' type")
+    per_k = np.arange(k) // block
+    weight = (_unpacked(q.reshape(n, -1), bits)[:, :k].astype(np.float32) - zero[:, per_k]) * scale[:, per_k].astype(np.float32)
+    b = _Builder(graph, node)
+    y = b.add("MatMul", [a, b.const("weight", weight.T.astype(scale.dtype))], **{SOURCE_KEY: "MatMulNBits"})
+    return b.nodes, [b.add("Add", [y, bias]) if bias is not None else y]
+
+
+def _unpacked(packed: np.ndarray, bits: int) -> np.ndarray:
+    """Each byte's values, lowest bits first, along the last axis."""
+    shifts = np.arange(0, 8, bits, dtype=np.uint8)
+    return ((packed[..., None] >> shifts) & np.uint8(2**bits - 1)).reshape(*packed.shape[:-1], -1)
+
+
 _LOWER = {
     "MatMulInteger": _matmul_integer, "ConvInteger": _conv_integer, "QLinearMatMul": _qlinear_matmul,
     "QLinearConv": _qlinear_conv, "QGemm": _qgemm, "MatMulIntegerToFloat": _matmul_integer_to_float,
     "DynamicQuantizeMatMul": _dynamic_quantize_matmul, "FusedConv": _fused_conv, "FusedMatMul": _fused_matmul,
-    "FusedGemm": _fused_gemm, "Attention": _attention, "QAttention": _qattention,
+    "FusedGemm": _fused_gemm, "Attention": _attention, "QAttention": _qattention, "MatMulNBits": _matmul_nbits,
 }
