@@ -100,6 +100,8 @@ def _malformed(kind: str) -> onnx.ModelProto:
     node = m.graph.node[0]
     if kind == "bits 3":
         next(a for a in node.attribute if a.name == "bits").i = 3
+    elif kind == "blocks of a power of 2":
+        next(a for a in node.attribute if a.name == "block_size").i = 1  # would pack no bytes at all
     elif kind == "do not hold N x ceil":
         b = numpy_helper.to_array(m.graph.initializer[0])
         m.graph.initializer[0].CopyFrom(numpy_helper.from_array(b[:, :, :7].copy(), "b"))
@@ -109,7 +111,7 @@ def _malformed(kind: str) -> onnx.ModelProto:
     return m
 
 
-@pytest.mark.parametrize("reason", ["bits 3", "do not hold N x ceil", "g_idx"])
+@pytest.mark.parametrize("reason", ["bits 3", "blocks of a power of 2", "do not hold N x ceil", "g_idx"])
 def test_a_malformed_matmul_nbits_is_named_and_left_to_onnxruntime(reason):
     with pytest.warns(UserWarning, match=reason):
         mapping = xcompile.compile_model(_malformed(reason), ideal=True, progress=False, allow_empty=True)

@@ -381,8 +381,8 @@ def _matmul_nbits(graph, node):
         raise Unsupported("a g_idx input (act-order) is not lowered")
     if a.dtype is not None and a.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16):
         raise Unsupported(f"input A is {a.dtype.name}; MatMulNBits takes float or float16")
-    if bits not in (2, 4, 8) or block < 1 or k < 1 or n < 1:
-        raise Unsupported(f"bits {bits}, block_size {block}, K {k}, N {n}: xcompile lowers 2, 4 or 8 bits in blocks along K")
+    if bits not in (2, 4, 8) or block < 16 or block & (block - 1) or k < 1 or n < 1:
+        raise Unsupported(f"bits {bits}, block_size {block}, K {k}, N {n}: xcompile lowers 2, 4 or 8 bits in blocks of a power of 2 >= 16 along K")
     blocks = -(-k // block)
     q = _weight(packed)
     scale = _weight(scales, "scales")
